@@ -1,0 +1,1 @@
+//! sluice: a Layer-4 stream load balancer with nginx `upstream` semantics.
