@@ -1,1 +1,8 @@
 //! sluice: a Layer-4 stream load balancer with nginx `upstream` semantics.
+
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

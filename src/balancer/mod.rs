@@ -1,0 +1,410 @@
+//! Peer selection with nginx `upstream` semantics, as pure logic over peer
+//! state: no I/O, time passed in, so every rule is unit-tested here.
+//!
+//! The [`Selector`] owns what is common to every method (down, max_conns,
+//! max_fails/fail_timeout, backup tier, peers already tried by this client);
+//! an [`Algorithm`] only chooses among the peers it is told are eligible.
+
+mod round_robin;
+
+use std::time::{Duration, Instant};
+
+pub use round_robin::RoundRobin;
+
+use crate::config::Balance;
+
+/// What the selector needs to know of one peer; fixed for a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerParams {
+    pub weight: u32,
+    /// `0`: unlimited.
+    pub max_conns: u32,
+    /// `0`: never mark failed.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub backup: bool,
+    pub down: bool,
+}
+
+/// One peer as an algorithm sees it at the moment of a pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    pub weight: u32,
+    pub active: u32,
+    pub eligible: bool,
+}
+
+/// A balancing method. Implementations keep their own per-peer state, indexed
+/// like the peer slice they are given (which is stable for their lifetime).
+pub trait Algorithm: Send {
+    /// Picks one of the peers whose `eligible` is true, or `None` if there is none.
+    /// `key` is the client's hash key, for methods that use one.
+    fn pick(&mut self, peers: &[PeerView], key: &[u8]) -> Option<usize>;
+}
+
+/// Builds the algorithm for a method over peers with these weights.
+pub fn algorithm_for(balance: &Balance, weights: &[u32]) -> Result<Box<dyn Algorithm>, String> {
+    match balance {
+        Balance::RoundRobin => Ok(Box::new(RoundRobin::new(weights.len()))),
+        other => Err(format!(
+            "balance = \"{}\" is not available in this build",
+            other.name()
+        )),
+    }
+}
+
+/// How a peer stands, for `/status` and `server_up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Up,
+    Failed,
+    Down,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Health {
+    active: u32,
+    /// Failures counted since the last success (nginx `fails`).
+    fails: u32,
+    /// When the current failure window started or the last probe was let through (nginx `checked`).
+    checked: Option<Instant>,
+    /// When the last failure happened (nginx `accessed`).
+    accessed: Option<Instant>,
+}
+
+/// The peers of one upstream group and their health.
+pub struct Selector {
+    params: Vec<PeerParams>,
+    health: Vec<Health>,
+    algorithm: Box<dyn Algorithm>,
+}
+
+/// The peers one client connection has already tried, so next-upstream never repeats one.
+#[derive(Debug, Clone, Default)]
+pub struct Tried {
+    bits: Vec<u64>,
+}
+
+impl Tried {
+    pub fn insert(&mut self, index: usize) {
+        let (word, bit) = (index / 64, index % 64);
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        self.bits[word] |= 1 << bit;
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        self.bits
+            .get(index / 64)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+}
+
+impl Selector {
+    pub fn new(params: Vec<PeerParams>, algorithm: Box<dyn Algorithm>) -> Self {
+        let health = vec![Health::default(); params.len()];
+        Selector {
+            params,
+            health,
+            algorithm,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Picks a peer for a new attempt and counts it active; the caller must
+    /// report the outcome with [`Selector::failed`] or, after a success, [`Selector::succeeded`]
+    /// and later [`Selector::released`]. Backups are used only when no primary is eligible.
+    pub fn select(&mut self, now: Instant, tried: &Tried, key: &[u8]) -> Option<usize> {
+        let picked = self
+            .pick_tier(now, tried, key, false)
+            .or_else(|| self.pick_tier(now, tried, key, true))?;
+        let params = &self.params[picked];
+        let health = &mut self.health[picked];
+        health.active += 1;
+        // Once fail_timeout has passed, a pick opens a new window: if the peer
+        // had failed, this is the single probe the window lets through.
+        if health
+            .checked
+            .is_none_or(|checked| now.saturating_duration_since(checked) > params.fail_timeout)
+        {
+            health.checked = Some(now);
+        }
+        Some(picked)
+    }
+
+    fn pick_tier(
+        &mut self,
+        now: Instant,
+        tried: &Tried,
+        key: &[u8],
+        backup: bool,
+    ) -> Option<usize> {
+        let mut any = false;
+        let views: Vec<PeerView> = (0..self.params.len())
+            .map(|index| {
+                let params = &self.params[index];
+                let eligible = params.backup == backup
+                    && !tried.contains(index)
+                    && self.is_eligible(index, now);
+                any |= eligible;
+                PeerView {
+                    weight: params.weight,
+                    active: self.health[index].active,
+                    eligible,
+                }
+            })
+            .collect();
+        if !any {
+            return None;
+        }
+        self.algorithm.pick(&views, key)
+    }
+
+    fn is_eligible(&self, index: usize, now: Instant) -> bool {
+        let params = &self.params[index];
+        let health = &self.health[index];
+        let full = params.max_conns > 0 && health.active >= params.max_conns;
+        !(params.down || full || self.is_failed(index, now))
+    }
+
+    fn is_failed(&self, index: usize, now: Instant) -> bool {
+        let params = &self.params[index];
+        let health = &self.health[index];
+        params.max_fails > 0
+            && health.fails >= params.max_fails
+            && health.checked.is_some_and(|checked| {
+                now.saturating_duration_since(checked) <= params.fail_timeout
+            })
+    }
+
+    /// A connection attempt to `index` succeeded: a failure streak that
+    /// started before this attempt is forgiven.
+    pub fn succeeded(&mut self, index: usize) {
+        let health = &mut self.health[index];
+        if health.accessed < health.checked {
+            health.fails = 0;
+        }
+    }
+
+    /// A connection attempt to `index` failed; it is no longer active.
+    pub fn failed(&mut self, index: usize, now: Instant) {
+        let health = &mut self.health[index];
+        health.active = health.active.saturating_sub(1);
+        health.fails = health.fails.saturating_add(1);
+        health.accessed = Some(now);
+        health.checked = Some(now);
+    }
+
+    /// A relayed connection to `index` closed.
+    pub fn released(&mut self, index: usize) {
+        let health = &mut self.health[index];
+        health.active = health.active.saturating_sub(1);
+    }
+
+    pub fn state(&self, index: usize, now: Instant) -> PeerState {
+        if self.params[index].down {
+            PeerState::Down
+        } else if self.is_failed(index, now) {
+            PeerState::Failed
+        } else {
+            PeerState::Up
+        }
+    }
+
+    /// Whether a new connection could be given to this peer now.
+    pub fn eligible(&self, index: usize, now: Instant) -> bool {
+        self.is_eligible(index, now)
+    }
+
+    pub fn active(&self, index: usize) -> u32 {
+        self.health[index].active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn params(weight: u32) -> PeerParams {
+        PeerParams {
+            weight,
+            max_conns: 0,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            backup: false,
+            down: false,
+        }
+    }
+
+    fn round_robin(params: Vec<PeerParams>) -> Selector {
+        let algorithm = Box::new(RoundRobin::new(params.len()));
+        Selector::new(params, algorithm)
+    }
+
+    /// Picks `count` times, releasing each pick at once, and returns the indices.
+    fn picks(selector: &mut Selector, now: Instant, count: usize) -> Vec<usize> {
+        (0..count)
+            .map(|_| {
+                let index = selector.select(now, &Tried::default(), b"").unwrap();
+                selector.succeeded(index);
+                selector.released(index);
+                index
+            })
+            .collect()
+    }
+
+    #[test]
+    fn down_peer_is_never_picked() {
+        let mut down = params(1);
+        down.down = true;
+        let mut selector = round_robin(vec![params(1), down, params(1)]);
+        let got = picks(&mut selector, Instant::now(), 10);
+        assert!(!got.contains(&1));
+        assert_eq!(selector.state(1, Instant::now()), PeerState::Down);
+    }
+
+    #[test]
+    fn backup_only_when_no_primary_is_eligible() {
+        let mut backup = params(1);
+        backup.backup = true;
+        let mut selector = round_robin(vec![params(1), params(1), backup]);
+        let now = Instant::now();
+        assert!(!picks(&mut selector, now, 6).contains(&2));
+
+        // Fail both primaries: the backup takes over.
+        for index in [0, 1] {
+            let mut tried = Tried::default();
+            for skip in 0..index {
+                tried.insert(skip);
+            }
+            let picked = selector.select(now, &tried, b"").unwrap();
+            assert_eq!(picked, index);
+            selector.failed(picked, now);
+        }
+        assert_eq!(picks(&mut selector, now, 3), vec![2, 2, 2]);
+    }
+
+    #[test]
+    fn tried_peers_are_skipped_then_backup_is_used() {
+        let mut backup = params(1);
+        backup.backup = true;
+        let mut selector = round_robin(vec![params(1), backup]);
+        let now = Instant::now();
+        let mut tried = Tried::default();
+        tried.insert(0);
+        assert_eq!(selector.select(now, &tried, b""), Some(1));
+        tried.insert(1);
+        selector.released(1);
+        assert_eq!(selector.select(now, &tried, b""), None);
+    }
+
+    #[test]
+    fn max_conns_makes_a_peer_ineligible_while_full() {
+        let mut limited = params(1);
+        limited.max_conns = 2;
+        let mut selector = round_robin(vec![limited]);
+        let now = Instant::now();
+        let tried = Tried::default();
+        assert_eq!(selector.select(now, &tried, b""), Some(0));
+        assert_eq!(selector.select(now, &tried, b""), Some(0));
+        assert_eq!(selector.select(now, &tried, b""), None);
+        selector.released(0);
+        assert_eq!(selector.select(now, &tried, b""), Some(0));
+    }
+
+    #[test]
+    fn failed_peer_sits_out_fail_timeout_then_gets_one_probe() {
+        let mut selector = round_robin(vec![params(1), params(1)]);
+        let start = Instant::now();
+        let tried = Tried::default();
+        assert_eq!(selector.select(start, &tried, b""), Some(0));
+        selector.failed(0, start);
+        assert_eq!(selector.state(0, start), PeerState::Failed);
+
+        // Inside fail_timeout only peer 1 is used.
+        let inside = start + Duration::from_secs(9);
+        assert_eq!(picks(&mut selector, inside, 4), vec![1, 1, 1, 1]);
+
+        // After it, exactly one connection probes peer 0 while the probe is open.
+        let after = start + Duration::from_secs(11);
+        let mut probes = 0;
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            let index = selector.select(after, &tried, b"").unwrap();
+            probes += usize::from(index == 0);
+            held.push(index);
+        }
+        assert_eq!(probes, 1);
+
+        // The probe fails: a new fail_timeout starts.
+        selector.failed(0, after);
+        let later = after + Duration::from_secs(5);
+        assert_eq!(selector.state(0, later), PeerState::Failed);
+
+        // After that window a probe succeeds: the peer is healthy again.
+        let recovered = after + Duration::from_secs(11);
+        for index in held.into_iter().filter(|&i| i != 0) {
+            selector.released(index);
+        }
+        let index = selector.select(recovered, &tried, b"").unwrap();
+        let index = if index == 0 {
+            index
+        } else {
+            selector.released(index);
+            selector.select(recovered, &tried, b"").unwrap()
+        };
+        assert_eq!(index, 0);
+        selector.succeeded(0);
+        selector.released(0);
+        assert_eq!(selector.state(0, recovered), PeerState::Up);
+        let got = picks(&mut selector, recovered, 4);
+        assert_eq!(got.iter().filter(|&&i| i == 0).count(), 2);
+    }
+
+    #[test]
+    fn max_fails_counts_failures_before_marking() {
+        let mut tolerant = params(1);
+        tolerant.max_fails = 3;
+        let mut selector = round_robin(vec![tolerant]);
+        let now = Instant::now();
+        for _ in 0..2 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            selector.failed(index, now);
+            assert_eq!(selector.state(0, now), PeerState::Up);
+        }
+        let index = selector.select(now, &Tried::default(), b"").unwrap();
+        selector.failed(index, now);
+        assert_eq!(selector.state(0, now), PeerState::Failed);
+        assert_eq!(selector.select(now, &Tried::default(), b""), None);
+    }
+
+    #[test]
+    fn max_fails_zero_never_marks_failed() {
+        let mut never = params(1);
+        never.max_fails = 0;
+        let mut selector = round_robin(vec![never]);
+        let now = Instant::now();
+        for _ in 0..5 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            selector.failed(index, now);
+        }
+        assert_eq!(selector.state(0, now), PeerState::Up);
+    }
+
+    #[test]
+    fn tried_set_grows_past_one_word() {
+        let mut tried = Tried::default();
+        tried.insert(130);
+        assert!(tried.contains(130));
+        assert!(!tried.contains(2));
+        assert!(!tried.contains(1000));
+    }
+}

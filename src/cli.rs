@@ -1,0 +1,109 @@
+//! The command line (SPEC §1) and exit statuses.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::server::{self, StartError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A Layer-4 stream load balancer with nginx upstream semantics"
+)]
+pub struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, env = "SLUICE_CONFIG", default_value = "./sluice.toml")]
+    pub config: PathBuf,
+    /// Validate the configuration, print a summary and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const EXIT_CONFIG: u8 = 1;
+const EXIT_START: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = init_logging(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("sluice: invalid --log-level: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("sluice: configuration error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("sluice: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let result = if cli.check {
+        runtime.block_on(async {
+            let upstreams = server::resolve_upstreams(&config).await?;
+            print!("{}", server::summary(&config, &upstreams));
+            println!("configuration {} is valid", cli.config.display());
+            Ok(())
+        })
+    } else {
+        runtime.block_on(server::run(config))
+    };
+    // Connections still open after the drain are closed here, not waited for.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(StartError::Config(message)) => {
+            eprintln!(
+                "sluice: configuration error: {}: {message}",
+                cli.config.display()
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(err) => {
+            eprintln!("sluice: cannot start: {err}");
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).map_err(|err| err.to_string())?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}

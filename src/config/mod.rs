@@ -1,0 +1,459 @@
+//! The TOML configuration: parsed with serde into raw types that keep source
+//! spans, then validated into plain types the rest of sluice uses.
+
+mod address;
+mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use address::Address;
+pub use raw::{Balance, HashKey};
+
+use raw::{RawConfig, RawListener, RawServer, RawUpstream};
+use toml::Spanned;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub shutdown_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: Address,
+    pub upstream: String,
+    pub connect_timeout: Duration,
+    /// `None`: connections are never closed for idleness.
+    pub idle_timeout: Option<Duration>,
+    /// `0`: every eligible server once.
+    pub next_upstream_tries: u32,
+    /// `None`: no limit on the time all attempts may take together.
+    pub next_upstream_timeout: Option<Duration>,
+    pub unix_mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub address: Address,
+    pub name: Option<String>,
+    pub weight: u32,
+    /// `0`: unlimited.
+    pub max_conns: u32,
+    /// `0`: never mark failed.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub backup: bool,
+    pub down: bool,
+}
+
+impl ServerConfig {
+    /// The name used in metrics, logs and `/status`: `name`, else the address as written.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
+    }
+}
+
+/// A configuration error: names the file, the line where known, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            message: format!("cannot read the configuration: {err}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates configuration `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let source = Source { text, path };
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|err| source.error(err.span(), err.message().trim_end().to_owned()))?;
+        source.validate(raw)
+    }
+}
+
+/// The text being validated, for turning spans into line numbers.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: String) -> ConfigError {
+        let line = span.map(|span| {
+            let start = span.start.min(self.text.len());
+            self.text[..start].matches('\n').count() + 1
+        });
+        // Quoting the offending line names the key even when the parser's
+        // message only talks about the value.
+        let message = match line.and_then(|n| self.text.lines().nth(n - 1)) {
+            Some(source_line) if !source_line.trim().is_empty() => {
+                format!("{message} (in `{}`)", source_line.trim())
+            }
+            _ => message,
+        };
+        ConfigError {
+            file: self.path.to_owned(),
+            line,
+            message,
+        }
+    }
+
+    fn error_at<T>(&self, spanned: &Spanned<T>, message: String) -> ConfigError {
+        self.error(Some(spanned.span()), message)
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut upstreams = BTreeMap::new();
+        for (name, upstream) in raw.upstream {
+            let validated = self.validate_upstream(&name, upstream)?;
+            upstreams.insert(name.into_inner(), validated);
+        }
+        if raw.listener.is_empty() {
+            return Err(self.error(None, "no [[listener]] is configured".to_owned()));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::with_capacity(raw.listener.len());
+        for listener in raw.listener {
+            let listener = self.validate_listener(listener, &upstreams)?;
+            if !names.insert(listener.name.0.clone()) {
+                return Err(self.error(
+                    Some(listener.name.1),
+                    format!("duplicate listener name {:?}", listener.name.0),
+                ));
+            }
+            if !binds.insert(listener.config.bind.clone()) {
+                return Err(self.error(
+                    Some(listener.bind_span),
+                    format!(
+                        "listener {:?}: bind address {} is used by another listener",
+                        listener.name.0, listener.config.bind
+                    ),
+                ));
+            }
+            listeners.push(listener.config);
+        }
+        Ok(Config {
+            shutdown_timeout: raw.shutdown_timeout.0,
+            listeners,
+            upstreams,
+        })
+    }
+
+    fn validate_listener(
+        &self,
+        raw: RawListener,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Result<ValidatedListener, ConfigError> {
+        let name = raw.name.get_ref().clone();
+        if name.is_empty() {
+            return Err(self.error_at(&raw.name, "listener name is empty".to_owned()));
+        }
+        if !upstreams.contains_key(raw.upstream.get_ref()) {
+            return Err(self.error_at(
+                &raw.upstream,
+                format!(
+                    "listener {name:?}: key `upstream` names unknown upstream {:?}",
+                    raw.upstream.get_ref()
+                ),
+            ));
+        }
+        if raw.connect_timeout.get_ref().0.is_zero() {
+            return Err(self.error_at(
+                &raw.connect_timeout,
+                format!("listener {name:?}: key `connect_timeout` must be greater than 0"),
+            ));
+        }
+        let bind_span = raw.bind.span();
+        let bind = raw.bind.into_inner();
+        let unix_mode = match raw.unix_mode {
+            Some(mode) if !matches!(bind, Address::Unix(_)) => {
+                return Err(self.error_at(
+                    &mode,
+                    format!("listener {name:?}: key `unix_mode` applies only to unix: listeners"),
+                ))
+            }
+            Some(mode) => match u32::from_str_radix(mode.get_ref(), 8) {
+                Ok(bits) if bits <= 0o777 => bits,
+                _ => {
+                    return Err(self.error_at(
+                        &mode,
+                        format!(
+                            "listener {name:?}: key `unix_mode` {:?} is not an octal mode such as \"0660\"",
+                            mode.get_ref()
+                        ),
+                    ))
+                }
+            },
+            None => 0o660,
+        };
+        let span = raw.name.span();
+        Ok(ValidatedListener {
+            name: (name.clone(), span),
+            bind_span,
+            config: ListenerConfig {
+                name,
+                bind,
+                upstream: raw.upstream.into_inner(),
+                connect_timeout: raw.connect_timeout.into_inner().0,
+                idle_timeout: non_zero(raw.idle_timeout.0),
+                next_upstream_tries: raw.next_upstream_tries,
+                next_upstream_timeout: non_zero(raw.next_upstream_timeout.0),
+                unix_mode,
+            },
+        })
+    }
+
+    fn validate_upstream(
+        &self,
+        name: &Spanned<String>,
+        raw: RawUpstream,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let upstream = name.get_ref();
+        let balance = match (raw.balance.get_ref(), raw.hash_key) {
+            (Balance::Hash(_), Some(key)) => Balance::Hash(key.into_inner()),
+            (balance, None) => balance.clone(),
+            (_, Some(key)) => {
+                return Err(self.error_at(
+                    &key,
+                    format!(
+                        "upstream {upstream:?}: key `hash_key` applies only to balance = \"hash\""
+                    ),
+                ))
+            }
+        };
+        if raw.server.is_empty() {
+            return Err(self.error_at(
+                name,
+                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]]"),
+            ));
+        }
+        let mut servers = Vec::with_capacity(raw.server.len());
+        for server in raw.server {
+            servers.push(self.validate_server(upstream, &balance, server)?);
+        }
+        Ok(UpstreamConfig {
+            name: upstream.clone(),
+            balance,
+            servers,
+        })
+    }
+
+    fn validate_server(
+        &self,
+        upstream: &str,
+        balance: &Balance,
+        raw: RawServer,
+    ) -> Result<ServerConfig, ConfigError> {
+        if *raw.weight.get_ref() == 0 {
+            return Err(self.error_at(
+                &raw.weight,
+                format!("upstream {upstream:?}: key `weight` must be at least 1"),
+            ));
+        }
+        if *raw.backup.get_ref() && !balance.allows_backup() {
+            return Err(self.error_at(
+                &raw.backup,
+                format!(
+                    "upstream {upstream:?}: key `backup` is not allowed with balance = \"{}\"",
+                    balance.name()
+                ),
+            ));
+        }
+        if let Some(name) = &raw.name {
+            if name.get_ref().is_empty() {
+                return Err(
+                    self.error_at(name, format!("upstream {upstream:?}: server name is empty"))
+                );
+            }
+        }
+        Ok(ServerConfig {
+            address: raw.address,
+            name: raw.name.map(Spanned::into_inner),
+            weight: raw.weight.into_inner(),
+            max_conns: raw.max_conns,
+            max_fails: raw.max_fails,
+            fail_timeout: raw.fail_timeout.0,
+            backup: raw.backup.into_inner(),
+            down: raw.down,
+        })
+    }
+}
+
+struct ValidatedListener {
+    name: (String, Range<usize>),
+    bind_span: Range<usize>,
+    config: ListenerConfig,
+}
+
+fn non_zero(duration: Duration) -> Option<Duration> {
+    (!duration.is_zero()).then_some(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "l"
+bind = "127.0.0.1:7000"
+upstream = "u"
+
+[upstream.u]
+[[upstream.u.server]]
+address = "127.0.0.1:7001"
+"#;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        let listener = &config.listeners[0];
+        assert_eq!(listener.connect_timeout, Duration::from_secs(5));
+        assert_eq!(listener.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(listener.next_upstream_tries, 0);
+        assert_eq!(listener.next_upstream_timeout, None);
+        let server = &config.upstreams["u"].servers[0];
+        assert_eq!(
+            (server.weight, server.max_conns, server.max_fails),
+            (1, 0, 1)
+        );
+        assert_eq!(server.fail_timeout, Duration::from_secs(10));
+        assert!(!server.backup && !server.down);
+        assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(err) => err,
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = error_of(&MINIMAL.replace("upstream = \"u\"", "upstream = \"u\"\ncolour = 1"));
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let err = error_of(&MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\nidle_timeout = \"5 parsecs\"",
+        ));
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("idle_timeout"), "{err}");
+        assert!(err.message.contains("5 parsecs"), "{err}");
+    }
+
+    #[test]
+    fn unknown_upstream_is_named() {
+        let err = error_of(&MINIMAL.replace("upstream = \"u\"", "upstream = \"nope\""));
+        assert_eq!(err.line, Some(5));
+        assert!(err.message.contains("\"nope\""), "{err}");
+    }
+
+    #[test]
+    fn port_out_of_range() {
+        let err = error_of(&MINIMAL.replace("127.0.0.1:7001", "127.0.0.1:70000"));
+        assert_eq!(err.line, Some(9));
+        assert!(err.message.contains("70000"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_listener_names() {
+        let second = "\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:7002\"\nupstream = \"u\"\n";
+        let err = error_of(&format!("{MINIMAL}{second}"));
+        assert_eq!(err.line, Some(12));
+        assert!(err.message.contains("duplicate listener name"), "{err}");
+    }
+
+    #[test]
+    fn backup_is_refused_with_hash() {
+        let text =
+            MINIMAL.replace("[upstream.u]", "[upstream.u]\nbalance = \"hash\"") + "backup = true\n";
+        let err = error_of(&text);
+        assert_eq!(err.line, Some(11));
+        assert!(err.message.contains("backup"), "{err}");
+        assert!(err.message.contains("hash"), "{err}");
+    }
+
+    #[test]
+    fn hash_key_only_with_hash() {
+        let err =
+            error_of(&MINIMAL.replace("[upstream.u]", "[upstream.u]\nhash_key = \"client_ip\""));
+        assert!(err.message.contains("hash_key"), "{err}");
+        let ok = parse(&MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nbalance = \"hash\"\nhash_key = \"client_addr\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.upstreams["u"].balance,
+            Balance::Hash(HashKey::ClientAddr)
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let err = error_of(&MINIMAL.replace("name = \"l\"", "name = "));
+        assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn unix_mode_only_for_unix() {
+        let err = error_of(
+            &MINIMAL.replace("upstream = \"u\"", "upstream = \"u\"\nunix_mode = \"0600\""),
+        );
+        assert!(err.message.contains("unix_mode"), "{err}");
+        let ok = parse(
+            &MINIMAL
+                .replace("127.0.0.1:7000", "unix:/tmp/x.sock")
+                .replace("upstream = \"u\"", "upstream = \"u\"\nunix_mode = \"0600\""),
+        )
+        .unwrap();
+        assert_eq!(ok.listeners[0].unix_mode, 0o600);
+    }
+}

@@ -1,0 +1,168 @@
+//! The configuration file as serde reads it: unknown keys are errors, and
+//! values that later checks talk about keep their source span.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::Address;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default = "defaults::shutdown_timeout")]
+    pub shutdown_timeout: DurationValue,
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    #[serde(default)]
+    pub upstream: BTreeMap<Spanned<String>, RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<Address>,
+    pub upstream: Spanned<String>,
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Spanned<DurationValue>,
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: DurationValue,
+    #[serde(default)]
+    pub next_upstream_tries: u32,
+    #[serde(default = "defaults::zero")]
+    pub next_upstream_timeout: DurationValue,
+    pub unix_mode: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    #[serde(default = "defaults::balance")]
+    pub balance: Spanned<Balance>,
+    pub hash_key: Option<Spanned<HashKey>>,
+    #[serde(default)]
+    pub server: Vec<RawServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub address: Address,
+    pub name: Option<Spanned<String>>,
+    #[serde(default = "defaults::weight")]
+    pub weight: Spanned<u32>,
+    #[serde(default)]
+    pub max_conns: u32,
+    #[serde(default = "defaults::max_fails")]
+    pub max_fails: u32,
+    #[serde(default = "defaults::fail_timeout")]
+    pub fail_timeout: DurationValue,
+    #[serde(default = "defaults::no")]
+    pub backup: Spanned<bool>,
+    #[serde(default)]
+    pub down: bool,
+}
+
+/// How an upstream picks a peer (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    Random,
+    RandomTwo,
+    Hash(HashKey),
+}
+
+impl Balance {
+    /// The name as written in the configuration.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::Random => "random",
+            Balance::RandomTwo => "random_two",
+            Balance::Hash(_) => "hash",
+        }
+    }
+
+    /// Random and hash methods spread over every peer; a backup tier makes no sense there.
+    pub fn allows_backup(&self) -> bool {
+        matches!(self, Balance::RoundRobin | Balance::LeastConn)
+    }
+}
+
+impl<'de> Deserialize<'de> for Balance {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const METHODS: &[&str] = &["round_robin", "least_conn", "random", "random_two", "hash"];
+        let text = String::deserialize(deserializer)?;
+        Ok(match text.as_str() {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "random" => Balance::Random,
+            "random_two" => Balance::RandomTwo,
+            "hash" => Balance::Hash(HashKey::ClientIp),
+            _ => return Err(de::Error::unknown_variant(&text, METHODS)),
+        })
+    }
+}
+
+/// What `balance = "hash"` hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    ClientIp,
+    ClientAddr,
+}
+
+/// A duration written with a unit, such as `"500ms"` or `"10m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(DurationValue)
+            .map_err(|err| de::Error::custom(format!("invalid duration {text:?}: {err}")))
+    }
+}
+
+mod defaults {
+    use super::*;
+
+    fn spanned<T>(value: T) -> Spanned<T> {
+        Spanned::new(0..0, value)
+    }
+
+    pub fn shutdown_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(30))
+    }
+    pub fn connect_timeout() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(5)))
+    }
+    pub fn idle_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(600))
+    }
+    pub fn zero() -> DurationValue {
+        DurationValue(Duration::ZERO)
+    }
+    pub fn balance() -> Spanned<Balance> {
+        spanned(Balance::RoundRobin)
+    }
+    pub fn weight() -> Spanned<u32> {
+        spanned(1)
+    }
+    pub fn max_fails() -> u32 {
+        1
+    }
+    pub fn fail_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(10))
+    }
+    pub fn no() -> Spanned<bool> {
+        spanned(false)
+    }
+}

@@ -1,0 +1,193 @@
+//! An upstream group at run time: its resolved peers and the shared selector.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use crate::balancer::{algorithm_for, PeerParams, Selector, Tried};
+use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+
+/// Where a peer is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerTarget {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for PeerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerTarget::Tcp(addr) => write!(f, "{addr}"),
+            PeerTarget::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// One peer: a server of the configuration at one resolved address.
+#[derive(Debug)]
+pub struct Peer {
+    /// Metric label and log name: the server's `name`, else its address as
+    /// written; `@ADDRESS` is appended when a host name gave several peers.
+    pub label: String,
+    pub target: PeerTarget,
+    pub server: ServerConfig,
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    pub peers: Vec<Peer>,
+    selector: Mutex<Selector>,
+}
+
+impl Upstream {
+    /// Resolves every server's address (a host name with several addresses
+    /// gives one peer each) and builds the group.
+    pub async fn resolve(config: &UpstreamConfig) -> Result<Upstream, String> {
+        let mut peers = Vec::new();
+        for server in &config.servers {
+            let targets = resolve_address(&server.address).await.map_err(|err| {
+                format!(
+                    "upstream {:?}: cannot resolve server address {}: {err}",
+                    config.name, server.address
+                )
+            })?;
+            let several = targets.len() > 1;
+            for target in targets {
+                let label = if several {
+                    format!("{}@{target}", server.label())
+                } else {
+                    server.label()
+                };
+                peers.push(Peer {
+                    label,
+                    target,
+                    server: server.clone(),
+                });
+            }
+        }
+        Upstream::new(config.name.clone(), config.balance.clone(), peers)
+    }
+
+    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Result<Upstream, String> {
+        let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
+        let weights: Vec<u32> = params.iter().map(|p| p.weight).collect();
+        let algorithm =
+            algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
+        Ok(Upstream {
+            name,
+            balance,
+            peers,
+            selector: Mutex::new(Selector::new(params, algorithm)),
+        })
+    }
+
+    /// The selector; the lock is held only for a pick or an outcome, never across I/O.
+    fn selector(&self) -> MutexGuard<'_, Selector> {
+        // A panic while the lock was held cannot leave the counters
+        // inconsistent beyond one connection, so go on with them.
+        self.selector.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Picks a peer for the next attempt of one client connection.
+    pub fn select(self: &Arc<Self>, tried: &mut Tried, key: &[u8]) -> Option<Attempt> {
+        let index = self.selector().select(Instant::now(), tried, key)?;
+        tried.insert(index);
+        Some(Attempt {
+            upstream: Arc::clone(self),
+            index,
+            settled: false,
+        })
+    }
+}
+
+fn peer_params(server: &ServerConfig) -> PeerParams {
+    PeerParams {
+        weight: server.weight,
+        max_conns: server.max_conns,
+        max_fails: server.max_fails,
+        fail_timeout: server.fail_timeout,
+        backup: server.backup,
+        down: server.down,
+    }
+}
+
+pub async fn resolve_address(address: &Address) -> std::io::Result<Vec<PeerTarget>> {
+    match address {
+        Address::Unix(path) => Ok(vec![PeerTarget::Unix(path.clone())]),
+        Address::Inet { host, port } => {
+            let mut targets: Vec<PeerTarget> = Vec::new();
+            for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
+                let target = PeerTarget::Tcp(addr);
+                if !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+            if targets.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the name has no addresses",
+                ));
+            }
+            Ok(targets)
+        }
+    }
+}
+
+/// A peer picked for one connection attempt, counted active until it is
+/// settled. Dropped unsettled (the client went away mid-connect), it is
+/// released without counting a failure.
+pub struct Attempt {
+    upstream: Arc<Upstream>,
+    index: usize,
+    settled: bool,
+}
+
+impl Attempt {
+    pub fn peer(&self) -> &Peer {
+        &self.upstream.peers[self.index]
+    }
+
+    /// The attempt failed: counts towards max_fails.
+    pub fn failed(mut self) {
+        self.settled = true;
+        self.upstream.selector().failed(self.index, Instant::now());
+    }
+
+    /// The attempt connected: the peer stays active until the lease drops.
+    pub fn succeeded(mut self) -> Lease {
+        self.settled = true;
+        self.upstream.selector().succeeded(self.index);
+        Lease {
+            upstream: Arc::clone(&self.upstream),
+            index: self.index,
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.upstream.selector().released(self.index);
+        }
+    }
+}
+
+/// A relayed connection's hold on its peer; dropping it releases the peer.
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    index: usize,
+}
+
+impl Lease {
+    pub fn peer(&self) -> &Peer {
+        &self.upstream.peers[self.index]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstream.selector().released(self.index);
+    }
+}

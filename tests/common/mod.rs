@@ -1,0 +1,376 @@
+//! Test harness: the real sluice binary, real loopback backends.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::task::JoinSet;
+
+pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A running sluice process; killed when dropped.
+pub struct Sluice {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pub config_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sluice {
+    /// Starts sluice on `config` and waits until every listener is bound.
+    pub async fn start(config: &str) -> Sluice {
+        let listeners = config.matches("[[listener]]").count();
+        let sluice = Sluice::spawn(config, &[]);
+        let ready = wait_until(Duration::from_secs(10), || {
+            sluice
+                .log_lines()
+                .iter()
+                .filter(|l| l.contains("listening"))
+                .count()
+                >= listeners
+        })
+        .await;
+        assert!(ready, "sluice did not start; log:\n{}", sluice.log_text());
+        sluice
+    }
+
+    /// Spawns sluice on `config` with extra arguments, without waiting.
+    pub fn spawn(config: &str, args: &[&str]) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(SLUICE)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Sluice {
+            child,
+            log,
+            config_path,
+            dir,
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.log_lines().iter().any(|l| l.contains(needle))
+        })
+        .await
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the process to exit, polling.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs sluice to completion with these arguments; returns (exit code, stdout, stderr).
+pub fn run_sluice(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, String, String) {
+    let output = Command::new(SLUICE)
+        .args(args)
+        .env_remove("SLUICE_CONFIG")
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// What a backend does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Behavior {
+    /// Echo every byte back; half-close back after the client's EOF.
+    Echo,
+    /// Write the backend's name first, then echo.
+    Announce,
+    /// Read to EOF, then answer with the SHA-256 of what was read and close.
+    DigestOnEof,
+}
+
+/// An in-process backend on loopback that counts its connections. Panics in
+/// its tasks fail the test through [`Backend::finish`].
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub accepted: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Backend {
+    pub async fn tcp(name: &str, behavior: Behavior) -> Backend {
+        Backend::tcp_on("127.0.0.1:0", name, behavior).await
+    }
+
+    pub async fn tcp_on(addr: &str, name: &str, behavior: Behavior) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Backend::new(addr, name);
+        let (accepted, tasks, name) = (
+            Arc::clone(&backend.accepted),
+            Arc::clone(&backend.tasks),
+            name.to_owned(),
+        );
+        backend.tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tasks
+                    .lock()
+                    .unwrap()
+                    .spawn(serve(stream, name.clone(), behavior));
+            }
+        });
+        backend
+    }
+
+    pub async fn unix(path: &Path, name: &str, behavior: Behavior) -> Backend {
+        let listener = UnixListener::bind(path).unwrap();
+        let backend = Backend::new("0.0.0.0:0".parse().unwrap(), name);
+        let (accepted, tasks, name) = (
+            Arc::clone(&backend.accepted),
+            Arc::clone(&backend.tasks),
+            name.to_owned(),
+        );
+        backend.tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tasks
+                    .lock()
+                    .unwrap()
+                    .spawn(serve(stream, name.clone(), behavior));
+            }
+        });
+        backend
+    }
+
+    fn new(addr: SocketAddr, name: &str) -> Backend {
+        Backend {
+            addr,
+            name: name.to_owned(),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            tasks: Arc::new(Mutex::new(JoinSet::new())),
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Stops the backend and fails the test if any of its tasks panicked.
+    pub async fn finish(self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        tasks.abort_all();
+        while let Some(result) = tasks.join_next().await {
+            if let Err(err) = result {
+                assert!(!err.is_panic(), "backend {} panicked: {err}", self.name);
+            }
+        }
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, name: String, behavior: Behavior) {
+    match behavior {
+        Behavior::Echo => echo(&mut stream).await,
+        Behavior::Announce => {
+            if stream.write_all(name.as_bytes()).await.is_ok() {
+                echo(&mut stream).await;
+            }
+        }
+        Behavior::DigestOnEof => {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => hasher.update(&buf[..n]),
+                    Err(_) => return,
+                }
+            }
+            let _ = stream.write_all(&hasher.finalize()).await;
+            let _ = stream.shutdown().await;
+        }
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Connects to sluice and reads the backend's announced name (`len` bytes).
+pub async fn announced(addr: &str, len: usize) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut name = vec![0; len];
+    stream.read_exact(&mut name).await.unwrap();
+    String::from_utf8(name).unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    Sha256::digest(data).to_vec()
+}
+
+/// Sends `data` through `stream` while reading the echo; returns the echo's digest.
+pub async fn echo_digest<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    data: Vec<u8>,
+) -> Vec<u8> {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let expected = data.len();
+    let write = tokio::spawn(async move {
+        writer.write_all(&data).await.unwrap();
+        writer.shutdown().await.unwrap();
+    });
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = reader.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+    }
+    write.await.unwrap();
+    assert_eq!(total, expected, "echo length");
+    hasher.finalize().to_vec()
+}
+
+/// One listener `front` on `listen` in front of upstream `pool` with `servers`
+/// (each a TOML table body); the extras are added to the listener and upstream tables.
+pub fn config(
+    listen: &str,
+    listener_extra: &str,
+    upstream_extra: &str,
+    servers: &[String],
+) -> String {
+    let mut text = format!(
+        "shutdown_timeout = \"5s\"\n\n[[listener]]\nname = \"front\"\nbind = \"{listen}\"\nupstream = \"pool\"\nconnect_timeout = \"1s\"\n{listener_extra}\n\n[upstream.pool]\n{upstream_extra}\n"
+    );
+    for server in servers {
+        text.push_str("\n[[upstream.pool.server]]\n");
+        text.push_str(server);
+        text.push('\n');
+    }
+    text
+}
+
+pub fn server(addr: impl std::fmt::Display, extra: &str) -> String {
+    format!("address = \"{addr}\"\n{extra}")
+}
