@@ -5,4 +5,5 @@ pub mod cli;
 pub mod config;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 pub mod upstream;
