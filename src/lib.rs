@@ -3,6 +3,7 @@
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod fluentbit;
 pub mod proxy;
 pub mod server;
 pub mod tls;
