@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod fluentbit;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod server;
 pub mod tls;
 pub mod upstream;
