@@ -33,7 +33,7 @@ pub async fn resolve_upstreams(
 ) -> Result<BTreeMap<String, Arc<Upstream>>, StartError> {
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &config.upstreams {
-        let resolved = Upstream::resolve(upstream)
+        let resolved = Upstream::resolve(upstream, None)
             .await
             .map_err(StartError::Config)?;
         upstreams.insert(name.clone(), Arc::new(resolved));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerParams, Selector, Tried};
+use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 
 /// Where a peer is reached.
@@ -32,6 +32,16 @@ pub struct Peer {
     pub label: String,
     pub target: PeerTarget,
     pub server: ServerConfig,
+    /// Shared with the same peer in earlier and later builds of the group.
+    pub health: Arc<PeerHealth>,
+}
+
+impl Peer {
+    /// Peers of two builds of a group are the same peer when they have the same
+    /// label and address; such a peer keeps its health across the rebuild.
+    fn same_as(&self, other: &Peer) -> bool {
+        self.label == other.label && self.target == other.target
+    }
 }
 
 pub struct Upstream {
@@ -43,8 +53,12 @@ pub struct Upstream {
 
 impl Upstream {
     /// Resolves every server's address (a host name with several addresses
-    /// gives one peer each) and builds the group.
-    pub async fn resolve(config: &UpstreamConfig) -> Result<Upstream, String> {
+    /// gives one peer each) and builds the group. Peers also in `previous`
+    /// keep their health (active connections, failures).
+    pub async fn resolve(
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+    ) -> Result<Upstream, String> {
         let mut peers = Vec::new();
         for server in &config.servers {
             let targets = resolve_address(&server.address).await.map_err(|err| {
@@ -60,11 +74,18 @@ impl Upstream {
                 } else {
                     server.label()
                 };
-                peers.push(Peer {
+                let mut peer = Peer {
                     label,
                     target,
                     server: server.clone(),
-                });
+                    health: Arc::default(),
+                };
+                if let Some(old) =
+                    previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
+                {
+                    peer.health = Arc::clone(&old.health);
+                }
+                peers.push(peer);
             }
         }
         Upstream::new(config.name.clone(), config.balance.clone(), peers)
@@ -73,20 +94,21 @@ impl Upstream {
     pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Result<Upstream, String> {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
         let weights: Vec<u32> = params.iter().map(|p| p.weight).collect();
+        let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
         let algorithm =
             algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
         Ok(Upstream {
             name,
             balance,
             peers,
-            selector: Mutex::new(Selector::new(params, algorithm)),
+            selector: Mutex::new(Selector::new(params, health, algorithm)),
         })
     }
 
-    /// The selector; the lock is held only for a pick or an outcome, never across I/O.
+    /// The selector; the lock is held only for a pick, never across I/O.
     fn selector(&self) -> MutexGuard<'_, Selector> {
-        // A panic while the lock was held cannot leave the counters
-        // inconsistent beyond one connection, so go on with them.
+        // A pick leaves the algorithm's state consistent at every step, so a
+        // panic elsewhere while the lock was held leaves nothing to repair.
         self.selector.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -152,13 +174,13 @@ impl Attempt {
     /// The attempt failed: counts towards max_fails.
     pub fn failed(mut self) {
         self.settled = true;
-        self.upstream.selector().failed(self.index, Instant::now());
+        self.peer().health.failed(Instant::now());
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
     pub fn succeeded(mut self) -> Lease {
         self.settled = true;
-        self.upstream.selector().succeeded(self.index);
+        self.peer().health.succeeded();
         Lease {
             upstream: Arc::clone(&self.upstream),
             index: self.index,
@@ -169,7 +191,7 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.settled {
-            self.upstream.selector().released(self.index);
+            self.peer().health.released();
         }
     }
 }
@@ -188,6 +210,6 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.upstream.selector().released(self.index);
+        self.peer().health.released();
     }
 }

@@ -7,6 +7,7 @@
 
 mod round_robin;
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use round_robin::RoundRobin;
@@ -72,10 +73,68 @@ struct Health {
     accessed: Option<Instant>,
 }
 
-/// The peers of one upstream group and their health.
+/// One peer's live state: active connections and failure accounting. It is
+/// shared, so a rebuilt group (reload, re-resolution) keeps the counts of
+/// peers it still has, and connections opened before the rebuild release
+/// into the same counters.
+#[derive(Debug, Default)]
+pub struct PeerHealth(Mutex<Health>);
+
+impl PeerHealth {
+    fn lock(&self) -> MutexGuard<'_, Health> {
+        // Every update leaves the fields consistent, so a panic elsewhere
+        // while the lock was held leaves nothing to repair.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A connection attempt succeeded: a failure streak that started before
+    /// this attempt's window is forgiven.
+    pub fn succeeded(&self) {
+        let mut health = self.lock();
+        if health.accessed < health.checked {
+            health.fails = 0;
+        }
+    }
+
+    /// A connection attempt failed; it is no longer active.
+    pub fn failed(&self, now: Instant) {
+        let mut health = self.lock();
+        health.active = health.active.saturating_sub(1);
+        health.fails = health.fails.saturating_add(1);
+        health.accessed = Some(now);
+        health.checked = Some(now);
+    }
+
+    /// A connection (attempted or relayed) ended.
+    pub fn released(&self) {
+        let mut health = self.lock();
+        health.active = health.active.saturating_sub(1);
+    }
+
+    pub fn active(&self) -> u32 {
+        self.lock().active
+    }
+
+    /// Failed attempts counted since the last success.
+    pub fn fails(&self) -> u32 {
+        self.lock().fails
+    }
+
+    fn is_failed(&self, params: &PeerParams, now: Instant) -> bool {
+        let health = self.lock();
+        params.max_fails > 0
+            && health.fails >= params.max_fails
+            && health.checked.is_some_and(|checked| {
+                now.saturating_duration_since(checked) <= params.fail_timeout
+            })
+    }
+}
+
+/// The peers of one upstream group: their parameters, their shared health,
+/// and the method that picks among them.
 pub struct Selector {
     params: Vec<PeerParams>,
-    health: Vec<Health>,
+    health: Vec<Arc<PeerHealth>>,
     algorithm: Box<dyn Algorithm>,
 }
 
@@ -102,8 +161,13 @@ impl Tried {
 }
 
 impl Selector {
-    pub fn new(params: Vec<PeerParams>, algorithm: Box<dyn Algorithm>) -> Self {
-        let health = vec![Health::default(); params.len()];
+    /// `health[i]` is peer i's state, fresh or kept from a previous group.
+    pub fn new(
+        params: Vec<PeerParams>,
+        health: Vec<Arc<PeerHealth>>,
+        algorithm: Box<dyn Algorithm>,
+    ) -> Self {
+        debug_assert_eq!(params.len(), health.len());
         Selector {
             params,
             health,
@@ -111,23 +175,15 @@ impl Selector {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.params.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.params.is_empty()
-    }
-
     /// Picks a peer for a new attempt and counts it active; the caller must
-    /// report the outcome with [`Selector::failed`] or, after a success, [`Selector::succeeded`]
-    /// and later [`Selector::released`]. Backups are used only when no primary is eligible.
+    /// report the outcome on [`Selector::health`]: `failed`, or `succeeded`
+    /// and later `released`. Backups are used only when no primary is eligible.
     pub fn select(&mut self, now: Instant, tried: &Tried, key: &[u8]) -> Option<usize> {
         let picked = self
             .pick_tier(now, tried, key, false)
             .or_else(|| self.pick_tier(now, tried, key, true))?;
         let params = &self.params[picked];
-        let health = &mut self.health[picked];
+        let mut health = self.health[picked].lock();
         health.active += 1;
         // Once fail_timeout has passed, a pick opens a new window: if the peer
         // had failed, this is the single probe the window lets through.
@@ -151,13 +207,12 @@ impl Selector {
         let views: Vec<PeerView> = (0..self.params.len())
             .map(|index| {
                 let params = &self.params[index];
-                let eligible = params.backup == backup
-                    && !tried.contains(index)
-                    && self.is_eligible(index, now);
+                let eligible =
+                    params.backup == backup && !tried.contains(index) && self.eligible(index, now);
                 any |= eligible;
                 PeerView {
                     weight: params.weight,
-                    active: self.health[index].active,
+                    active: self.health[index].active(),
                     eligible,
                 }
             })
@@ -168,64 +223,27 @@ impl Selector {
         self.algorithm.pick(&views, key)
     }
 
-    fn is_eligible(&self, index: usize, now: Instant) -> bool {
+    /// Whether a new connection could be given to this peer now.
+    pub fn eligible(&self, index: usize, now: Instant) -> bool {
         let params = &self.params[index];
         let health = &self.health[index];
-        let full = params.max_conns > 0 && health.active >= params.max_conns;
-        !(params.down || full || self.is_failed(index, now))
-    }
-
-    fn is_failed(&self, index: usize, now: Instant) -> bool {
-        let params = &self.params[index];
-        let health = &self.health[index];
-        params.max_fails > 0
-            && health.fails >= params.max_fails
-            && health.checked.is_some_and(|checked| {
-                now.saturating_duration_since(checked) <= params.fail_timeout
-            })
-    }
-
-    /// A connection attempt to `index` succeeded: a failure streak that
-    /// started before this attempt is forgiven.
-    pub fn succeeded(&mut self, index: usize) {
-        let health = &mut self.health[index];
-        if health.accessed < health.checked {
-            health.fails = 0;
-        }
-    }
-
-    /// A connection attempt to `index` failed; it is no longer active.
-    pub fn failed(&mut self, index: usize, now: Instant) {
-        let health = &mut self.health[index];
-        health.active = health.active.saturating_sub(1);
-        health.fails = health.fails.saturating_add(1);
-        health.accessed = Some(now);
-        health.checked = Some(now);
-    }
-
-    /// A relayed connection to `index` closed.
-    pub fn released(&mut self, index: usize) {
-        let health = &mut self.health[index];
-        health.active = health.active.saturating_sub(1);
+        let full = params.max_conns > 0 && health.active() >= params.max_conns;
+        !(params.down || full || health.is_failed(params, now))
     }
 
     pub fn state(&self, index: usize, now: Instant) -> PeerState {
         if self.params[index].down {
             PeerState::Down
-        } else if self.is_failed(index, now) {
+        } else if self.health[index].is_failed(&self.params[index], now) {
             PeerState::Failed
         } else {
             PeerState::Up
         }
     }
 
-    /// Whether a new connection could be given to this peer now.
-    pub fn eligible(&self, index: usize, now: Instant) -> bool {
-        self.is_eligible(index, now)
-    }
-
-    pub fn active(&self, index: usize) -> u32 {
-        self.health[index].active
+    /// Peer `index`'s shared state, to report outcomes on.
+    pub fn health(&self, index: usize) -> &Arc<PeerHealth> {
+        &self.health[index]
     }
 }
 
@@ -246,7 +264,8 @@ mod tests {
 
     fn round_robin(params: Vec<PeerParams>) -> Selector {
         let algorithm = Box::new(RoundRobin::new(params.len()));
-        Selector::new(params, algorithm)
+        let health = params.iter().map(|_| Arc::default()).collect();
+        Selector::new(params, health, algorithm)
     }
 
     /// Picks `count` times, releasing each pick at once, and returns the indices.
@@ -254,8 +273,8 @@ mod tests {
         (0..count)
             .map(|_| {
                 let index = selector.select(now, &Tried::default(), b"").unwrap();
-                selector.succeeded(index);
-                selector.released(index);
+                selector.health(index).succeeded();
+                selector.health(index).released();
                 index
             })
             .collect()
@@ -287,7 +306,7 @@ mod tests {
             }
             let picked = selector.select(now, &tried, b"").unwrap();
             assert_eq!(picked, index);
-            selector.failed(picked, now);
+            selector.health(picked).failed(now);
         }
         assert_eq!(picks(&mut selector, now, 3), vec![2, 2, 2]);
     }
@@ -302,7 +321,7 @@ mod tests {
         tried.insert(0);
         assert_eq!(selector.select(now, &tried, b""), Some(1));
         tried.insert(1);
-        selector.released(1);
+        selector.health(1).released();
         assert_eq!(selector.select(now, &tried, b""), None);
     }
 
@@ -316,7 +335,7 @@ mod tests {
         assert_eq!(selector.select(now, &tried, b""), Some(0));
         assert_eq!(selector.select(now, &tried, b""), Some(0));
         assert_eq!(selector.select(now, &tried, b""), None);
-        selector.released(0);
+        selector.health(0).released();
         assert_eq!(selector.select(now, &tried, b""), Some(0));
     }
 
@@ -326,7 +345,7 @@ mod tests {
         let start = Instant::now();
         let tried = Tried::default();
         assert_eq!(selector.select(start, &tried, b""), Some(0));
-        selector.failed(0, start);
+        selector.health(0).failed(start);
         assert_eq!(selector.state(0, start), PeerState::Failed);
 
         // Inside fail_timeout only peer 1 is used.
@@ -345,25 +364,25 @@ mod tests {
         assert_eq!(probes, 1);
 
         // The probe fails: a new fail_timeout starts.
-        selector.failed(0, after);
+        selector.health(0).failed(after);
         let later = after + Duration::from_secs(5);
         assert_eq!(selector.state(0, later), PeerState::Failed);
 
         // After that window a probe succeeds: the peer is healthy again.
         let recovered = after + Duration::from_secs(11);
         for index in held.into_iter().filter(|&i| i != 0) {
-            selector.released(index);
+            selector.health(index).released();
         }
         let index = selector.select(recovered, &tried, b"").unwrap();
         let index = if index == 0 {
             index
         } else {
-            selector.released(index);
+            selector.health(index).released();
             selector.select(recovered, &tried, b"").unwrap()
         };
         assert_eq!(index, 0);
-        selector.succeeded(0);
-        selector.released(0);
+        selector.health(0).succeeded();
+        selector.health(0).released();
         assert_eq!(selector.state(0, recovered), PeerState::Up);
         let got = picks(&mut selector, recovered, 4);
         assert_eq!(got.iter().filter(|&&i| i == 0).count(), 2);
@@ -377,11 +396,11 @@ mod tests {
         let now = Instant::now();
         for _ in 0..2 {
             let index = selector.select(now, &Tried::default(), b"").unwrap();
-            selector.failed(index, now);
+            selector.health(index).failed(now);
             assert_eq!(selector.state(0, now), PeerState::Up);
         }
         let index = selector.select(now, &Tried::default(), b"").unwrap();
-        selector.failed(index, now);
+        selector.health(index).failed(now);
         assert_eq!(selector.state(0, now), PeerState::Failed);
         assert_eq!(selector.select(now, &Tried::default(), b""), None);
     }
@@ -394,9 +413,32 @@ mod tests {
         let now = Instant::now();
         for _ in 0..5 {
             let index = selector.select(now, &Tried::default(), b"").unwrap();
-            selector.failed(index, now);
+            selector.health(index).failed(now);
         }
         assert_eq!(selector.state(0, now), PeerState::Up);
+    }
+
+    #[test]
+    fn a_rebuilt_selector_keeps_shared_health() {
+        let mut first = round_robin(vec![params(1), params(1)]);
+        let now = Instant::now();
+        let held = first.select(now, &Tried::default(), b"").unwrap();
+        let failed = first.select(now, &Tried::default(), b"").unwrap();
+        first.health(failed).failed(now);
+
+        // The rebuilt group shares peer state: one active, one failed.
+        let health = vec![Arc::clone(first.health(0)), Arc::clone(first.health(1))];
+        let mut second = Selector::new(
+            vec![params(1), params(1)],
+            health,
+            Box::new(RoundRobin::new(2)),
+        );
+        assert_eq!(second.health(held).active(), 1);
+        assert_eq!(second.state(failed, now), PeerState::Failed);
+        assert_eq!(second.select(now, &Tried::default(), b""), Some(held));
+        // A connection from before the rebuild releases into the same counter.
+        first.health(held).released();
+        assert_eq!(second.health(held).active(), 1);
     }
 
     #[test]
