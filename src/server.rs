@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -12,7 +13,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::proxy::listener::{accept_loop, bind, BindError};
 use crate::proxy::ListenerContext;
-use crate::upstream::Upstream;
+use crate::upstream::{SharedUpstream, Upstream};
 
 /// Why sluice could not start; each maps to an exit status.
 #[derive(Debug, thiserror::Error)]
@@ -30,19 +31,19 @@ pub enum StartError {
 /// Resolves every upstream of the configuration.
 pub async fn resolve_upstreams(
     config: &Config,
-) -> Result<BTreeMap<String, Arc<Upstream>>, StartError> {
+) -> Result<BTreeMap<String, SharedUpstream>, StartError> {
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &config.upstreams {
         let resolved = Upstream::resolve(upstream, None)
             .await
             .map_err(StartError::Config)?;
-        upstreams.insert(name.clone(), Arc::new(resolved));
+        upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
     }
     Ok(upstreams)
 }
 
 /// What `--check` prints: the configuration as sluice will run it.
-pub fn summary(config: &Config, upstreams: &BTreeMap<String, Arc<Upstream>>) -> String {
+pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
     let mut out = String::new();
     for listener in &config.listeners {
         let _ = writeln!(
@@ -57,7 +58,7 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, Arc<Upstream>>) -> 
             listener.next_upstream_timeout.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
         );
     }
-    for upstream in upstreams.values() {
+    for upstream in upstreams.values().map(|shared| shared.load()) {
         let _ = writeln!(
             out,
             "upstream {:?} balance {}",
@@ -93,10 +94,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for listener in &config.listeners {
         let socket = bind(&listener.name, &listener.bind, listener.unix_mode).await?;
-        let context = Arc::new(ListenerContext {
+        let context = Arc::new(ArcSwap::from_pointee(ListenerContext {
             config: listener.clone(),
             upstream: Arc::clone(&upstreams[&listener.upstream]),
-        });
+        }));
         bound.push((socket, context));
     }
 

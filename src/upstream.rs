@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::Instant;
 
 use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
@@ -43,6 +45,10 @@ impl Peer {
         self.label == other.label && self.target == other.target
     }
 }
+
+/// The live build of one upstream group. Reload and re-resolution store a
+/// rebuilt group here; a connection keeps the build it started with.
+pub type SharedUpstream = Arc<ArcSwap<Upstream>>;
 
 pub struct Upstream {
     pub name: String,

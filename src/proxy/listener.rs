@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -151,12 +152,12 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// Accepts clients until `stop` fires, serving each in a task tracked by `connections`.
 pub async fn accept_loop(
     socket: BoundSocket,
-    context: Arc<ListenerContext>,
+    context: Arc<ArcSwap<ListenerContext>>,
     stop: CancellationToken,
     connections: TaskTracker,
 ) {
-    let name = context.config.name.clone();
-    info!(listener = name.as_str(), address = %socket.local_addr(), upstream = context.upstream.name.as_str(), "listening");
+    let name = context.load().config.name.clone();
+    info!(listener = name.as_str(), address = %socket.local_addr(), upstream = context.load().config.upstream.as_str(), "listening");
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -167,7 +168,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, client_addr)) => {
                 backoff = Duration::from_millis(5);
-                connections.spawn(serve_connection(stream, client_addr, Arc::clone(&context)));
+                connections.spawn(serve_connection(stream, client_addr, context.load_full()));
             }
             Err(err) if is_connection_error(&err) => {}
             Err(err) => {

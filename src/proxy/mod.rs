@@ -17,14 +17,15 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
-use crate::upstream::{Lease, PeerTarget, Upstream};
+use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
 use relay::{relay, RelayEnd};
 use stream::Stream;
 
 /// What a listener's connections need: its settings and its upstream group.
+/// A reload stores a new context; connections keep the one they started with.
 pub struct ListenerContext {
     pub config: ListenerConfig,
-    pub upstream: Arc<Upstream>,
+    pub upstream: SharedUpstream,
 }
 
 /// A client's address: TCP clients have one; UNIX-socket clients usually do not.
@@ -74,9 +75,12 @@ pub async fn serve_connection(
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
+    let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
-    let upstream = context.upstream.name.as_str();
-    let (lease, mut upstream_stream) = match connect_upstream(&context, client_addr).await {
+    let upstream = group.name.as_str();
+    let (lease, mut upstream_stream) = match connect_upstream(&context.config, &group, client_addr)
+        .await
+    {
         Ok(connected) => connected,
         Err(reason) => {
             // Dropping the client closes it at once with nothing written.
@@ -107,12 +111,12 @@ pub async fn serve_connection(
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
 async fn connect_upstream(
-    context: &ListenerContext,
+    config: &ListenerConfig,
+    group: &Arc<Upstream>,
     client_addr: ClientAddr,
 ) -> Result<(Lease, Stream), Unavailable> {
-    let config = &context.config;
     let started = Instant::now();
-    let key = hash_key(&context.upstream.balance, client_addr);
+    let key = hash_key(&group.balance, client_addr);
     let mut tried = Tried::default();
     let mut attempts = 0;
     loop {
@@ -127,8 +131,7 @@ async fn connect_upstream(
             }
             timeout = timeout.min(left);
         }
-        let attempt = context
-            .upstream
+        let attempt = group
             .select(&mut tried, &key)
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
@@ -142,7 +145,7 @@ async fn connect_upstream(
         };
         warn!(
             listener = config.name.as_str(),
-            upstream = context.upstream.name.as_str(),
+            upstream = group.name.as_str(),
             peer = attempt.peer().label.as_str(),
             client = %client_addr,
             reason = %reason,
