@@ -71,7 +71,10 @@ pub fn main() -> ExitCode {
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config))
+        let path = cli.config.clone();
+        runtime.block_on(server::run(config, move || {
+            Config::load(&path).map_err(|err| err.to_string())
+        }))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();

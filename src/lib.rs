@@ -7,5 +7,6 @@ pub mod fluentbit;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
+pub mod supervisor;
 pub mod tls;
 pub mod upstream;

@@ -6,13 +6,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::proxy::listener::{accept_loop, bind, BindError};
-use crate::proxy::ListenerContext;
+use crate::proxy::listener::BindError;
+use crate::supervisor::{PrepareError, Supervisor};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// Why sluice could not start; each maps to an exit status.
@@ -84,58 +82,55 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
     out
 }
 
-/// Binds every listener, serves until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let upstreams = resolve_upstreams(&config).await?;
+/// Binds every listener and serves until SIGTERM or SIGINT, then drains. On
+/// SIGHUP, `reload` gives the new configuration (SPEC §6).
+pub async fn run(
+    config: Config,
+    reload: impl Fn() -> Result<Config, String>,
+) -> Result<(), StartError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
-
-    let mut bound = Vec::with_capacity(config.listeners.len());
-    for listener in &config.listeners {
-        let socket = bind(&listener.name, &listener.bind, listener.unix_mode).await?;
-        let context = Arc::new(ArcSwap::from_pointee(ListenerContext {
-            config: listener.clone(),
-            upstream: Arc::clone(&upstreams[&listener.upstream]),
-        }));
-        bound.push((socket, context));
-    }
-
-    let stop = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let accept_loops = TaskTracker::new();
-    for (socket, context) in bound {
-        accept_loops.spawn(accept_loop(
-            socket,
-            context,
-            stop.clone(),
-            connections.clone(),
-        ));
-    }
-    accept_loops.close();
+    let mut supervisor = Supervisor::start(config).await.map_err(|err| match err {
+        PrepareError::Config(message) => StartError::Config(message),
+        PrepareError::Bind(err) => StartError::Bind(err),
+    })?;
 
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => warn!("SIGHUP received: live reload is not available in this build; the configuration is unchanged"),
+            _ = hangup.recv() => reload_from(&mut supervisor, &reload).await,
         }
     }
 
     // Stop accepting at once, then give open connections shutdown_timeout.
-    stop.cancel();
-    accept_loops.wait().await;
-    connections.close();
-    info!(open_connections = connections.len(), timeout = %humantime::format_duration(config.shutdown_timeout), "draining");
-    if tokio::time::timeout(config.shutdown_timeout, connections.wait())
-        .await
-        .is_err()
-    {
+    let open = supervisor.drain().await;
+    if open > 0 {
         warn!(
-            open_connections = connections.len(),
+            open_connections = open,
             "shutdown_timeout passed; closing the remaining connections"
         );
     }
     info!("stopped");
     Ok(())
+}
+
+/// One reload: the new configuration is read and checked first; any error
+/// leaves the running one untouched.
+async fn reload_from(supervisor: &mut Supervisor, reload: &impl Fn() -> Result<Config, String>) {
+    info!("SIGHUP received: reloading the configuration");
+    let config = match reload() {
+        Ok(config) => config,
+        Err(err) => {
+            error!(reason = %err, "reload failed: the configuration is invalid; the running configuration stays");
+            return;
+        }
+    };
+    match supervisor.reload(config).await {
+        Ok(summary) => info!(changes = %summary, "configuration reloaded"),
+        Err(err) => {
+            error!(reason = %err, "reload failed; the running configuration stays")
+        }
+    }
 }

@@ -151,7 +151,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accepts clients until `stop` fires, serving each in a task tracked by `connections`.
 pub async fn accept_loop(
-    socket: BoundSocket,
+    socket: Arc<BoundSocket>,
     context: Arc<ArcSwap<ListenerContext>>,
     stop: CancellationToken,
     connections: TaskTracker,

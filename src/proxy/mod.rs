@@ -49,6 +49,8 @@ enum Unavailable {
     NoEligiblePeer,
     TriesExhausted(u32),
     TimeoutExhausted(Duration),
+    /// sluice itself could not open a socket.
+    LocalResources(io::Error),
 }
 
 impl fmt::Display for Unavailable {
@@ -65,6 +67,7 @@ impl fmt::Display for Unavailable {
                     humantime::format_duration(*timeout)
                 )
             }
+            Unavailable::LocalResources(err) => write!(f, "cannot open a socket: {err}"),
         }
     }
 }
@@ -89,6 +92,8 @@ pub async fn serve_connection(
         }
     };
     let peer = lease.peer().label.as_str();
+    #[cfg(debug_assertions)]
+    test_hooks::panic_if_asked(peer);
     let outcome = relay(
         &mut client,
         &mut upstream_stream,
@@ -137,6 +142,11 @@ async fn connect_upstream(
         attempts += 1;
         let reason = match tokio::time::timeout(timeout, connect(&attempt.peer().target)).await {
             Ok(Ok(stream)) => return Ok((attempt.succeeded(), stream)),
+            // Out of descriptors or memory here is sluice's trouble, not the
+            // peer's: the attempt is released without counting a failure.
+            Ok(Err(err)) if is_local_resource_error(&err) => {
+                return Err(Unavailable::LocalResources(err))
+            }
             Ok(Err(err)) => err.to_string(),
             Err(_) => format!(
                 "connect timed out after {}",
@@ -153,6 +163,13 @@ async fn connect_upstream(
         );
         attempt.failed();
     }
+}
+
+fn is_local_resource_error(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 async fn connect(target: &PeerTarget) -> io::Result<Stream> {
@@ -176,5 +193,22 @@ fn hash_key(balance: &Balance, client_addr: ClientAddr) -> Vec<u8> {
             addr.to_string().into_bytes()
         }
         _ => Vec::new(),
+    }
+}
+
+/// Hooks for the integration tests; compiled into debug builds only.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::sync::OnceLock;
+
+    /// Panics a connection's task once it holds a lease on the peer named by
+    /// `SLUICE_TEST_PANIC_PEER`, to show that a panic ends only that
+    /// connection and releases the peer.
+    pub fn panic_if_asked(peer: &str) {
+        static PEER: OnceLock<Option<String>> = OnceLock::new();
+        let wanted = PEER.get_or_init(|| std::env::var("SLUICE_TEST_PANIC_PEER").ok());
+        if wanted.as_deref() == Some(peer) {
+            panic!("SLUICE_TEST_PANIC_PEER: panicking the connection to {peer}");
+        }
     }
 }
