@@ -140,15 +140,13 @@ async fn connect_upstream(
             .select(&mut tried, &key)
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
-        let reason = match tokio::time::timeout(timeout, connect(&attempt.peer().target)).await {
-            Ok(Ok(stream)) => return Ok((attempt.succeeded(), stream)),
-            // Out of descriptors or memory here is sluice's trouble, not the
-            // peer's: the attempt is released without counting a failure.
-            Ok(Err(err)) if is_local_resource_error(&err) => {
-                return Err(Unavailable::LocalResources(err))
-            }
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => format!(
+        let reason = match connect_within(timeout, &attempt.peer().target).await {
+            Connected::Stream(stream) => return Ok((attempt.succeeded(), stream)),
+            // Out of descriptors or memory for the whole attempt is sluice's
+            // trouble, not the peer's: released without counting a failure.
+            Connected::LocalResources(err) => return Err(Unavailable::LocalResources(err)),
+            Connected::Failed(err) => err.to_string(),
+            Connected::TimedOut => format!(
                 "connect timed out after {}",
                 humantime::format_duration(timeout)
             ),
@@ -162,6 +160,41 @@ async fn connect_upstream(
             "upstream connect attempt failed"
         );
         attempt.failed();
+    }
+}
+
+enum Connected {
+    Stream(Stream),
+    Failed(io::Error),
+    TimedOut,
+    /// sluice could not open a socket until the timeout.
+    LocalResources(io::Error),
+}
+
+/// Connects within `timeout`. When sluice is out of descriptors it waits for
+/// one to free up rather than turning away a client it has already accepted.
+async fn connect_within(timeout: Duration, target: &PeerTarget) -> Connected {
+    let mut local_error = None;
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            local_error = None;
+            match connect(target).await {
+                Err(err) if is_local_resource_error(&err) => {
+                    local_error = Some(err);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match (outcome, local_error) {
+        (Ok(Ok(stream)), _) => Connected::Stream(stream),
+        (Ok(Err(err)), _) => Connected::Failed(err),
+        (Err(_), Some(err)) => Connected::LocalResources(err),
+        (Err(_), None) => Connected::TimedOut,
     }
 }
 

@@ -51,8 +51,13 @@ pub struct Sluice {
 impl Sluice {
     /// Starts sluice on `config` and waits until every listener is bound.
     pub async fn start(config: &str) -> Sluice {
+        Sluice::start_with_env(config, &[]).await
+    }
+
+    /// Like [`Sluice::start`], with extra environment variables.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Sluice {
         let listeners = config.matches("[[listener]]").count();
-        let sluice = Sluice::spawn(config, &[]);
+        let sluice = Sluice::spawn_with_env(config, &[], env);
         let ready = wait_until(Duration::from_secs(10), || {
             sluice
                 .log_lines()
@@ -68,6 +73,10 @@ impl Sluice {
 
     /// Spawns sluice on `config` with extra arguments, without waiting.
     pub fn spawn(config: &str, args: &[&str]) -> Sluice {
+        Sluice::spawn_with_env(config, args, &[])
+    }
+
+    pub fn spawn_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -76,6 +85,7 @@ impl Sluice {
             .arg(&config_path)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
