@@ -456,4 +456,156 @@ address = "127.0.0.1:7001"
         .unwrap();
         assert_eq!(ok.listeners[0].unix_mode, 0o600);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines built from the configuration's own vocabulary, valid or not.
+        fn config_line() -> impl Strategy<Value = String> {
+            let key = prop::sample::select(vec![
+                "name",
+                "bind",
+                "upstream",
+                "connect_timeout",
+                "idle_timeout",
+                "next_upstream_tries",
+                "next_upstream_timeout",
+                "unix_mode",
+                "balance",
+                "hash_key",
+                "address",
+                "weight",
+                "max_conns",
+                "max_fails",
+                "fail_timeout",
+                "backup",
+                "down",
+                "shutdown_timeout",
+                "colour",
+            ]);
+            let value = prop::sample::select(vec![
+                "\"u\"",
+                "\"l\"",
+                "\"127.0.0.1:7000\"",
+                "\"[::1]:7001\"",
+                "\"unix:/tmp/s.sock\"",
+                "\"unix:relative\"",
+                "\"host:0\"",
+                "\"host:99999\"",
+                "\"5s\"",
+                "\"0s\"",
+                "\"5 parsecs\"",
+                "\"hash\"",
+                "\"random\"",
+                "\"client_ip\"",
+                "\"0660\"",
+                "\"9999\"",
+                "0",
+                "1",
+                "-1",
+                "4294967296",
+                "true",
+                "\"\"",
+                "[]",
+                "{}",
+                "\"",
+            ]);
+            prop_oneof![
+                (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+                prop::sample::select(vec![
+                    "[[listener]]",
+                    "[upstream.u]",
+                    "[upstream.v]",
+                    "[[upstream.u.server]]",
+                    "[[upstream.v.server]]",
+                    "[upstream.u.tls]",
+                    "[admin]",
+                    "[[upstream]]",
+                    "[",
+                ])
+                .prop_map(str::to_owned),
+            ]
+        }
+
+        fn check_invariants(text: &str, result: Result<Config, ConfigError>) {
+            match result {
+                Ok(config) => {
+                    assert!(!config.listeners.is_empty());
+                    for listener in &config.listeners {
+                        assert!(config.upstreams.contains_key(&listener.upstream));
+                    }
+                    for upstream in config.upstreams.values() {
+                        assert!(!upstream.servers.is_empty());
+                        assert!(upstream.servers.iter().all(|server| server.weight >= 1));
+                    }
+                }
+                Err(err) => {
+                    assert_eq!(err.file, Path::new("test.toml"));
+                    if let Some(line) = err.line {
+                        assert!(line >= 1 && line <= text.lines().count() + 1, "{err}");
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in any::<String>()) {
+                check_invariants(&text, parse(&text));
+            }
+
+            #[test]
+            fn vocabulary_soup_never_panics(lines in prop::collection::vec(config_line(), 0..32)) {
+                let text = lines.join("\n");
+                check_invariants(&text, parse(&text));
+            }
+
+            #[test]
+            fn mutated_minimal_config_never_panics(
+                cuts in prop::collection::vec((any::<prop::sample::Index>(), 0..8usize, config_line()), 1..6),
+            ) {
+                let mut text = MINIMAL.to_owned();
+                for (at, len, insert) in cuts {
+                    let start = at.index(text.len() + 1);
+                    let end = (start + len).min(text.len());
+                    if text.is_char_boundary(start) && text.is_char_boundary(end) {
+                        text.replace_range(start..end, &insert);
+                    }
+                }
+                check_invariants(&text, parse(&text));
+            }
+
+            #[test]
+            fn generated_values_come_back_exactly(
+                weight in 1..1000u32,
+                max_conns in any::<u32>(),
+                max_fails in any::<u32>(),
+                fail_ms in 1..100_000u64,
+                tries in any::<u32>(),
+                port in 1..=65535u16,
+                backup: bool,
+            ) {
+                let text = format!(
+                    "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"u\"\n\
+                     next_upstream_tries = {tries}\n\n[upstream.u]\n[[upstream.u.server]]\n\
+                     address = \"[::1]:{port}\"\nweight = {weight}\nmax_conns = {max_conns}\n\
+                     max_fails = {max_fails}\nfail_timeout = \"{fail_ms}ms\"\nbackup = {backup}\n"
+                );
+                let config = parse(&text).unwrap();
+                let listener = &config.listeners[0];
+                prop_assert_eq!(listener.next_upstream_tries, tries);
+                prop_assert_eq!(&listener.bind, &Address::Inet { host: "127.0.0.1".into(), port });
+                let server = &config.upstreams["u"].servers[0];
+                prop_assert_eq!(&server.address, &Address::Inet { host: "::1".into(), port });
+                prop_assert_eq!(
+                    (server.weight, server.max_conns, server.max_fails, server.backup),
+                    (weight, max_conns, max_fails, backup)
+                );
+                prop_assert_eq!(server.fail_timeout, Duration::from_millis(fail_ms));
+            }
+        }
+    }
 }
