@@ -303,7 +303,6 @@ fn limit_leaving(pid: i32, free: usize) -> u64 {
 }
 
 /// CPU time (user + system, seconds) a process has used.
-
 fn cpu_seconds(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
