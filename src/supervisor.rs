@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::info;
 
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig};
 use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
@@ -103,10 +103,6 @@ impl Supervisor {
         Ok(self.commit(prepared))
     }
 
-    pub fn shutdown_timeout(&self) -> Duration {
-        self.config.shutdown_timeout
-    }
-
     /// Stops accepting on every listener, then waits up to shutdown_timeout
     /// for open connections. Returns how many were still open.
     pub async fn drain(self) -> usize {
@@ -115,7 +111,7 @@ impl Supervisor {
         self.accept_loops.wait().await;
         drop(self.listeners);
         self.connections.close();
-        tracing::info!(open_connections = self.connections.len(), timeout = %humantime::format_duration(self.config.shutdown_timeout), "draining");
+        info!(open_connections = self.connections.len(), timeout = %humantime::format_duration(self.config.shutdown_timeout), "draining");
         if tokio::time::timeout(self.config.shutdown_timeout, self.connections.wait())
             .await
             .is_err()
