@@ -293,3 +293,22 @@ async fn the_reloaded_shutdown_timeout_applies() {
     );
     backend.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_moved_to_another_address_stops_on_the_old_one() {
+    let backend = Backend::tcp("echo", Behavior::Echo).await;
+    let (old, new) = (free_addr(), free_addr());
+    let servers = [server(backend.addr, "")];
+    let sluice = Sluice::start(&config(&old, "", "", &servers)).await;
+    echo_once(&old, b"on the old address").await;
+
+    let outcome = reload(&sluice, &config(&new, "", "", &servers)).await;
+    assert!(outcome.contains("listeners changed: front"), "{outcome}");
+    echo_once(&new, b"on the new address").await;
+    let refused = wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&old).is_err()
+    })
+    .await;
+    assert!(refused, "the old address still accepts");
+    backend.finish().await;
+}
