@@ -3,11 +3,13 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
+use crate::config_watch::ConfigWatch;
 use crate::server::{self, StartError};
 
 #[derive(Debug, Parser)]
@@ -29,6 +31,9 @@ pub struct Cli {
     /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Read the configuration file this often, such as `10s`, and reload when its content changes (default: off).
+    #[arg(long, env = "SLUICE_WATCH_CONFIG", value_name = "INTERVAL")]
+    pub watch_config: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,6 +51,16 @@ pub fn main() -> ExitCode {
         eprintln!("sluice: invalid --log-level: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    let watch = match watch_interval(cli.watch_config.as_deref()) {
+        Ok(interval) => interval.map(|interval| ConfigWatch {
+            path: cli.config.clone(),
+            interval,
+        }),
+        Err(err) => {
+            eprintln!("sluice: invalid --watch-config: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {
@@ -71,7 +86,7 @@ pub fn main() -> ExitCode {
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config))
+        runtime.block_on(server::run(config, watch))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();
@@ -89,6 +104,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+/// `None` when the watch is off: no flag, or `0s`.
+fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let interval = humantime::parse_duration(value)
+        .map_err(|err| format!("invalid duration {value:?}: {err}"))?;
+    Ok((!interval.is_zero()).then_some(interval))
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {

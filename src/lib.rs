@@ -3,6 +3,7 @@
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod fluentbit;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::config_watch::{self, ConfigWatch};
 use crate::proxy::listener::{accept_loop, bind, BindError};
 use crate::proxy::ListenerContext;
 use crate::upstream::{SharedUpstream, Upstream};
@@ -84,8 +85,9 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
     out
 }
 
-/// Binds every listener, serves until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// Binds every listener, serves until SIGTERM or SIGINT, then drains. With
+/// `watch`, a change of the configuration file's content raises SIGHUP.
+pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), StartError> {
     let upstreams = resolve_upstreams(&config).await?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
@@ -113,6 +115,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ));
     }
     accept_loops.close();
+    // Started after the SIGHUP handler is installed: it signals this process.
+    let config_watch = watch.map(config_watch::spawn);
 
     loop {
         tokio::select! {
@@ -121,6 +125,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = hangup.recv() => warn!("SIGHUP received: live reload is not available in this build; the configuration is unchanged"),
         }
     }
+    drop(config_watch);
 
     // Stop accepting at once, then give open connections shutdown_timeout.
     stop.cancel();
