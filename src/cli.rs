@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::server::{self, StartError};
 
 #[derive(Debug, Parser)]
@@ -29,6 +29,9 @@ pub struct Cli {
     /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,13 +49,22 @@ pub fn main() -> ExitCode {
         eprintln!("sluice: invalid --log-level: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let config = match Config::load(&cli.config) {
+    let mut config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: configuration error: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(admin) = &cli.admin {
+        match admin.parse() {
+            Ok(bind) => config.admin = Some(AdminConfig { bind }),
+            Err(err) => {
+                eprintln!("sluice: configuration error: --admin: {err}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
