@@ -56,14 +56,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(admin) = &cli.admin {
-        match admin.parse() {
-            Ok(bind) => config.admin = Some(AdminConfig { bind }),
-            Err(err) => {
-                eprintln!("sluice: configuration error: --admin: {err}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        }
+    if let Err(err) = apply_admin_flag(&mut config, cli.admin.as_deref()) {
+        eprintln!("sluice: configuration error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -101,6 +96,15 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+/// `--admin ADDR` sets or overrides `[admin] bind`, however the configuration was built.
+fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
+    if let Some(address) = flag {
+        let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
+        config.admin = Some(AdminConfig { bind });
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {

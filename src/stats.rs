@@ -72,8 +72,6 @@ impl PeerStats {
             up: metrics::gauge!(names::UPSTREAM_SERVER_UP, &labels),
             connect_duration: metrics::histogram!(names::UPSTREAM_CONNECT_DURATION, &labels),
         };
-        // Present from the start: a new peer is up until it fails.
-        metrics.up.set(1.0);
         PeerStats {
             total: AtomicU64::new(0),
             active: AtomicU64::new(0),
