@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::config_watch::ConfigWatch;
 use crate::server::{self, StartError};
 
@@ -34,6 +34,9 @@ pub struct Cli {
     /// Read the configuration file this often, such as `10s`, and reload when its content changes (default: off).
     #[arg(long, env = "SLUICE_WATCH_CONFIG", value_name = "INTERVAL")]
     pub watch_config: Option<String>,
+    /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,13 +64,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let config = match Config::load(&cli.config) {
+    let mut config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: configuration error: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(err) = apply_admin_flag(&mut config, cli.admin.as_deref()) {
+        eprintln!("sluice: configuration error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,6 +121,15 @@ fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
     let interval = humantime::parse_duration(value)
         .map_err(|err| format!("invalid duration {value:?}: {err}"))?;
     Ok((!interval.is_zero()).then_some(interval))
+}
+
+/// `--admin ADDR` sets or overrides `[admin] bind`, however the configuration was built.
+fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
+    if let Some(address) = flag {
+        let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
+        config.admin = Some(AdminConfig { bind });
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {

@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::Config;
 use crate::config_watch::{self, ConfigWatch};
+use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::{accept_loop, bind, BindError};
 use crate::proxy::ListenerContext;
 use crate::upstream::{SharedUpstream, Upstream};
@@ -27,6 +29,11 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    /// The admin endpoint's address could not be bound: exit 2.
+    #[error(transparent)]
+    Admin(#[from] AdminBindError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Resolves every upstream of the configuration.
@@ -46,6 +53,9 @@ pub async fn resolve_upstreams(
 /// What `--check` prints: the configuration as sluice will run it.
 pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
     let mut out = String::new();
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(out, "admin endpoint on {}", admin.bind);
+    }
     for listener in &config.listeners {
         let _ = writeln!(
             out,
@@ -88,7 +98,13 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
 /// Binds every listener, serves until SIGTERM or SIGINT, then drains. With
 /// `watch`, a change of the configuration file's content raises SIGHUP.
 pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), StartError> {
+    // Before the peers are built: they take their metric handles from it.
+    let metrics = metrics::install()?;
     let upstreams = resolve_upstreams(&config).await?;
+    let admin = AdminState::new(metrics, upstreams.clone());
+    if let Some(admin_config) = &config.admin {
+        admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
@@ -115,6 +131,7 @@ pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), Start
         ));
     }
     accept_loops.close();
+    admin.set_listening();
     // Started after the SIGHUP handler is installed: it signals this process.
     let config_watch = watch.map(config_watch::spawn);
 
@@ -128,6 +145,7 @@ pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), Start
     drop(config_watch);
 
     // Stop accepting at once, then give open connections shutdown_timeout.
+    admin.set_draining();
     stop.cancel();
     accept_loops.wait().await;
     connections.close();
