@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+use crate::tls::{self, TlsOrigin};
 
 /// Where a peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct Peer {
     pub label: String,
     pub target: PeerTarget,
     pub server: ServerConfig,
+    /// TLS towards this peer, loaded from its files once per build of the group.
+    pub tls: Option<TlsOrigin>,
     /// Shared with the same peer in earlier and later builds of the group.
     pub health: Arc<PeerHealth>,
 }
@@ -73,6 +76,7 @@ impl Upstream {
                     config.name, server.address
                 )
             })?;
+            let tls = server_tls(&config.name, server)?;
             let several = targets.len() > 1;
             for target in targets {
                 let label = if several {
@@ -84,6 +88,7 @@ impl Upstream {
                     label,
                     target,
                     server: server.clone(),
+                    tls: tls.clone(),
                     health: Arc::default(),
                 };
                 if let Some(old) =
@@ -128,6 +133,21 @@ impl Upstream {
             settled: false,
         })
     }
+}
+
+/// Reads a server's TLS files; an error names the file (a configuration error).
+fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, String> {
+    let Some(settings) = &server.tls else {
+        return Ok(None);
+    };
+    // A unix: server always has `server_name` (the configuration requires it).
+    let host = server.address.host().unwrap_or_default();
+    tls::origin(settings, host).map(Some).map_err(|err| {
+        format!(
+            "upstream {upstream:?}: server {}: TLS: {err}",
+            server.label()
+        )
+    })
 }
 
 fn peer_params(server: &ServerConfig) -> PeerParams {

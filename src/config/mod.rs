@@ -2,6 +2,7 @@
 //! spans, then validated into plain types the rest of sluice uses.
 
 mod address;
+mod fluent_bit;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,8 +14,10 @@ use std::time::Duration;
 pub use address::Address;
 pub use raw::{Balance, HashKey};
 
-use raw::{RawConfig, RawListener, RawServer, RawUpstream};
+use raw::{RawClientTls, RawConfig, RawListener, RawServer, RawUpstream};
 use toml::Spanned;
+
+use crate::tls::{ClientTlsSettings, ServerTlsSettings};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +40,8 @@ pub struct ListenerConfig {
     /// `None`: no limit on the time all attempts may take together.
     pub next_upstream_timeout: Option<Duration>,
     pub unix_mode: u32,
+    /// `[listener.tls]`: terminate TLS from clients.
+    pub tls: Option<ServerTlsSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +63,11 @@ pub struct ServerConfig {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// TLS origination towards this server; `None`: plain.
+    pub tls: Option<ClientTlsSettings>,
+    /// Keys of a Fluent Bit node that sluice keeps but does not use
+    /// (`shared_key`, ...), in file order; listed by `--check`.
+    pub plugin_keys: Vec<(String, String)>,
 }
 
 impl ServerConfig {
@@ -135,6 +145,14 @@ impl Source<'_> {
 
     fn error_at<T>(&self, spanned: &Spanned<T>, message: String) -> ConfigError {
         self.error(Some(spanned.span()), message)
+    }
+
+    /// Relative paths in the file are relative to the file's directory.
+    fn relative(&self, path: PathBuf) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path,
+        }
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -235,6 +253,11 @@ impl Source<'_> {
                 next_upstream_tries: raw.next_upstream_tries,
                 next_upstream_timeout: non_zero(raw.next_upstream_timeout.0),
                 unix_mode,
+                tls: raw.tls.map(|tls| ServerTlsSettings {
+                    cert_file: self.relative(tls.cert_file),
+                    key_file: self.relative(tls.key_file),
+                    client_ca_file: tls.client_ca_file.map(|path| self.relative(path)),
+                }),
             },
         })
     }
@@ -257,15 +280,19 @@ impl Source<'_> {
                 ))
             }
         };
-        if raw.server.is_empty() {
+        if raw.server.is_empty() && raw.from_fluent_bit.is_none() {
             return Err(self.error_at(
                 name,
-                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]]"),
+                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]] and no `from_fluent_bit`"),
             ));
         }
+        let group_tls = raw.tls.as_ref();
         let mut servers = Vec::with_capacity(raw.server.len());
+        if let Some(file) = raw.from_fluent_bit {
+            servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
+        }
         for server in raw.server {
-            servers.push(self.validate_server(upstream, &balance, server)?);
+            servers.push(self.validate_server(upstream, &balance, group_tls, server)?);
         }
         Ok(UpstreamConfig {
             name: upstream.clone(),
@@ -278,6 +305,7 @@ impl Source<'_> {
         &self,
         upstream: &str,
         balance: &Balance,
+        group_tls: Option<&Spanned<RawClientTls>>,
         raw: RawServer,
     ) -> Result<ServerConfig, ConfigError> {
         if *raw.weight.get_ref() == 0 {
@@ -302,8 +330,11 @@ impl Source<'_> {
                 );
             }
         }
+        let tls = self.server_tls(upstream, &raw.address, group_tls, raw.tls)?;
         Ok(ServerConfig {
             address: raw.address,
+            tls,
+            plugin_keys: Vec::new(),
             name: raw.name.map(Spanned::into_inner),
             weight: raw.weight.into_inner(),
             max_conns: raw.max_conns,
@@ -312,6 +343,48 @@ impl Source<'_> {
             backup: raw.backup.into_inner(),
             down: raw.down,
         })
+    }
+
+    /// A server's TLS settings: its own `tls` table over the group's; TLS is
+    /// on when either table is present.
+    fn server_tls(
+        &self,
+        upstream: &str,
+        address: &Address,
+        group: Option<&Spanned<RawClientTls>>,
+        own: Option<Spanned<RawClientTls>>,
+    ) -> Result<Option<ClientTlsSettings>, ConfigError> {
+        let span = match (&own, group) {
+            (Some(own), _) => own.span(),
+            (None, Some(group)) => group.span(),
+            (None, None) => return Ok(None),
+        };
+        let own = own.map(Spanned::into_inner).unwrap_or_default();
+        let default = RawClientTls::default();
+        let group = group.map_or(&default, Spanned::get_ref);
+        let settings = ClientTlsSettings {
+            verify: own.verify.or(group.verify).unwrap_or(true),
+            server_name: own.server_name.or_else(|| group.server_name.clone()),
+            ca_file: own.ca_file.or_else(|| group.ca_file.clone()).map(|p| self.relative(p)),
+            ca_path: None,
+            cert_file: own.cert_file.or_else(|| group.cert_file.clone()).map(|p| self.relative(p)),
+            key_file: own.key_file.or_else(|| group.key_file.clone()).map(|p| self.relative(p)),
+        };
+        let problem = match (&settings.cert_file, &settings.key_file) {
+            (Some(_), None) => Some("key `cert_file` is given without `key_file`"),
+            (None, Some(_)) => Some("key `key_file` is given without `cert_file`"),
+            _ if address.host().is_none() && settings.server_name.is_none() => {
+                Some("TLS to a unix: address needs key `server_name`")
+            }
+            _ => None,
+        };
+        match problem {
+            Some(problem) => Err(self.error(
+                Some(span),
+                format!("upstream {upstream:?}: server {address}: {problem}"),
+            )),
+            None => Ok(Some(settings)),
+        }
     }
 }
 
