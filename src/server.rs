@@ -66,11 +66,8 @@ pub fn listener_contexts(
         .listeners
         .iter()
         .map(|listener| {
-            ListenerContext::new(
-                listener.clone(),
-                Arc::clone(&upstreams[&listener.upstream]),
-            )
-            .map_err(StartError::Config)
+            ListenerContext::new(listener.clone(), Arc::clone(&upstreams[&listener.upstream]))
+                .map_err(StartError::Config)
         })
         .collect()
 }
@@ -98,7 +95,9 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
                 tls.key_file.display(),
                 tls.client_ca_file
                     .as_ref()
-                    .map_or("none (no client certificates)".into(), |p| p.display().to_string()),
+                    .map_or("none (no client certificates)".into(), |p| p
+                        .display()
+                        .to_string()),
             );
         }
     }

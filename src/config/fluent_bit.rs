@@ -9,7 +9,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::RawClientTls;
-use super::{Address, Balance, Config, ConfigError, ListenerConfig, ServerConfig, Source, UpstreamConfig};
+use super::{
+    Address, Balance, Config, ConfigError, ListenerConfig, ServerConfig, Source, UpstreamConfig,
+};
 use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
 use crate::tls::ClientTlsSettings;
 

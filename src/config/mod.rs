@@ -365,10 +365,19 @@ impl Source<'_> {
         let settings = ClientTlsSettings {
             verify: own.verify.or(group.verify).unwrap_or(true),
             server_name: own.server_name.or_else(|| group.server_name.clone()),
-            ca_file: own.ca_file.or_else(|| group.ca_file.clone()).map(|p| self.relative(p)),
+            ca_file: own
+                .ca_file
+                .or_else(|| group.ca_file.clone())
+                .map(|p| self.relative(p)),
             ca_path: None,
-            cert_file: own.cert_file.or_else(|| group.cert_file.clone()).map(|p| self.relative(p)),
-            key_file: own.key_file.or_else(|| group.key_file.clone()).map(|p| self.relative(p)),
+            cert_file: own
+                .cert_file
+                .or_else(|| group.cert_file.clone())
+                .map(|p| self.relative(p)),
+            key_file: own
+                .key_file
+                .or_else(|| group.key_file.clone())
+                .map(|p| self.relative(p)),
         };
         let problem = match (&settings.cert_file, &settings.key_file) {
             (Some(_), None) => Some("key `cert_file` is given without `key_file`"),

@@ -256,7 +256,11 @@ impl Backend {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, name: String, behavior: Behavior) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    name: String,
+    behavior: Behavior,
+) {
     match behavior {
         Behavior::Echo => echo(&mut stream).await,
         Behavior::Announce => {
