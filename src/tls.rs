@@ -807,7 +807,7 @@ mod tests {
                 ca_path: Some(path.clone()),
                 ..ClientTlsSettings::default()
             };
-            let error = origin(&settings, "backend.test").err().expect("refused");
+            let error = origin(&settings, "backend.test").expect_err("refused");
             assert!(
                 error.to_string().contains(&path.display().to_string()),
                 "{error}"

@@ -538,4 +538,148 @@ address = "127.0.0.1:7001"
         .unwrap();
         assert_eq!(ok.listeners[0].unix_mode, 0o600);
     }
+
+    #[test]
+    fn server_tls_overrides_the_groups_and_group_tls_turns_tls_on() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\n[upstream.u.tls]\nca_file = \"ca.pem\"\nserver_name = \"group.test\"",
+        ) + "[upstream.u.server.tls]\nverify = false\nserver_name = \"own.test\"\n\
+             cert_file = \"/abs/client.pem\"\nkey_file = \"client.key\"\n\
+             [[upstream.u.server]]\naddress = \"127.0.0.1:7002\"\n";
+        let config = Config::parse(&text, Path::new("/etc/sluice/sluice.toml")).unwrap();
+        let servers = &config.upstreams["u"].servers;
+        let own = servers[0].tls.as_ref().unwrap();
+        assert!(!own.verify);
+        assert_eq!(own.server_name.as_deref(), Some("own.test"));
+        assert_eq!(
+            own.ca_file.as_deref(),
+            Some(Path::new("/etc/sluice/ca.pem"))
+        );
+        assert_eq!(own.cert_file.as_deref(), Some(Path::new("/abs/client.pem")));
+        assert_eq!(
+            own.key_file.as_deref(),
+            Some(Path::new("/etc/sluice/client.key"))
+        );
+        let inherited = servers[1].tls.as_ref().unwrap();
+        assert!(inherited.verify);
+        assert_eq!(inherited.server_name.as_deref(), Some("group.test"));
+        assert_eq!(inherited.cert_file, None);
+        assert_eq!(parse(MINIMAL).unwrap().upstreams["u"].servers[0].tls, None);
+    }
+
+    #[test]
+    fn listener_tls_paths_are_relative_to_the_file() {
+        let text = MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\n[listener.tls]\ncert_file = \"tls.pem\"\nkey_file = \"/k.pem\"",
+        );
+        let config = Config::parse(&text, Path::new("/etc/sluice/sluice.toml")).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, Path::new("/etc/sluice/tls.pem"));
+        assert_eq!(tls.key_file, Path::new("/k.pem"));
+        assert_eq!(tls.client_ca_file, None);
+    }
+
+    #[test]
+    fn tls_table_errors_name_the_line() {
+        let err = error_of(&format!(
+            "{MINIMAL}[upstream.u.server.tls]\nkey_file = \"k.pem\"\n"
+        ));
+        assert_eq!(err.line, Some(10));
+        assert!(
+            err.message
+                .contains("`key_file` is given without `cert_file`"),
+            "{err}"
+        );
+        let err = error_of(&format!(
+            "{MINIMAL}[upstream.u.server.tls]\nverfy = false\n"
+        ));
+        assert_eq!(err.line, Some(11));
+        assert!(err.message.contains("verfy"), "{err}");
+        let err = error_of(
+            &format!("{MINIMAL}[upstream.u.server.tls]\n")
+                .replace("127.0.0.1:7001", "unix:/run/u.sock"),
+        );
+        assert!(err.message.contains("server_name"), "{err}");
+        let err = error_of(&MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\n[listener.tls]\ncert_file = \"tls.pem\"",
+        ));
+        assert!(err.message.contains("key_file"), "{err}");
+    }
+
+    const UPSTREAM_FILE: &str = "[UPSTREAM]\n    name  fb\n\n[NODE]\n    name  one\n    host  127.0.0.1\n    port  7101\n\n\
+        [NODE]\n    name  two\n    host  backend.test\n    port  7102\n    tls   on\n    tls.vhost  sni.test\n\
+        \x20   tls.ca_path  /cas\n    shared_key  secret\n";
+
+    fn with_upstream_file(toml: &str, upstream_file: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nodes.conf"), upstream_file).unwrap();
+        Config::parse(toml, &dir.path().join("sluice.toml"))
+    }
+
+    #[test]
+    fn from_fluent_bit_takes_the_nodes_before_the_servers() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nfrom_fluent_bit = \"nodes.conf\"\n[upstream.u.tls]\nca_file = \"/ca.pem\"",
+        );
+        let config = with_upstream_file(&text, UPSTREAM_FILE).unwrap();
+        let servers = &config.upstreams["u"].servers;
+        let labels: Vec<String> = servers.iter().map(ServerConfig::label).collect();
+        assert_eq!(labels, ["one", "two", "127.0.0.1:7001"]);
+        assert_eq!(servers[0].tls, None, "a node without `tls on` stays plain");
+        let tls = servers[1].tls.as_ref().unwrap();
+        assert!(tls.verify);
+        assert_eq!(tls.server_name.as_deref(), Some("sni.test"));
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(tls.ca_path.as_deref(), Some(Path::new("/cas")));
+        assert_eq!(
+            servers[1].plugin_keys,
+            [("shared_key".to_owned(), "secret".to_owned())]
+        );
+        assert_eq!(servers[1].address.to_string(), "backend.test:7102");
+        // The group's table turns TLS on for [[server]] entries as usual.
+        assert!(servers[2].tls.is_some());
+    }
+
+    #[test]
+    fn from_fluent_bit_alone_is_enough_and_its_errors_name_that_file() {
+        let text = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:7000\"\nupstream = \"u\"\n\
+                    [upstream.u]\nfrom_fluent_bit = \"nodes.conf\"\n";
+        let config = with_upstream_file(text, UPSTREAM_FILE).unwrap();
+        assert_eq!(config.upstreams["u"].servers.len(), 2);
+
+        let err = with_upstream_file(text, &UPSTREAM_FILE.replace("7102", "70000")).unwrap_err();
+        assert!(err.file.ends_with("nodes.conf"), "{err}");
+        assert_eq!(err.line, Some(12));
+
+        let err = with_upstream_file(&text.replace("nodes.conf", "absent.conf"), UPSTREAM_FILE)
+            .unwrap_err();
+        assert!(err.file.ends_with("sluice.toml"), "{err}");
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("absent.conf"), "{err}");
+    }
+
+    #[test]
+    fn fluent_bit_mode_builds_one_round_robin_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nodes.conf");
+        std::fs::write(&file, UPSTREAM_FILE).unwrap();
+        let config = Config::from_fluent_bit(&file, "[::1]:24224").unwrap();
+        assert_eq!(config.listeners.len(), 1);
+        let listener = &config.listeners[0];
+        assert_eq!(
+            (listener.name.as_str(), listener.upstream.as_str()),
+            ("fb", "fb")
+        );
+        assert_eq!(listener.bind.to_string(), "[::1]:24224");
+        assert_eq!(listener.connect_timeout, Duration::from_secs(5));
+        let upstream = &config.upstreams["fb"];
+        assert_eq!(upstream.balance, Balance::RoundRobin);
+        assert_eq!(upstream.servers.len(), 2);
+        let err = Config::from_fluent_bit(&file, "nowhere").unwrap_err();
+        assert!(err.to_string().starts_with("--bind: "), "{err}");
+    }
 }
