@@ -25,12 +25,15 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The `(sender, seq)` of each record, per connection, in arrival order.
+type ConnectionRecords = Arc<Mutex<Vec<Vec<(u64, u64)>>>>;
+
 /// A Forward receiver: reads each connection to its end, decodes the
 /// msgpack Forward messages `[tag, time, record]` and keeps, per connection,
 /// the `(sender, seq)` of every record in arrival order.
 struct ForwardReceiver {
     port: u16,
-    connections: Arc<Mutex<Vec<Vec<(u64, u64)>>>>,
+    connections: ConnectionRecords,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
