@@ -430,9 +430,11 @@ async fn bytes_intact_through_termination_and_origination_at_once() {
     let mut clients = tokio::task::JoinSet::new();
     for seed in 0..4 {
         let (listen, ca) = (listen.clone(), pki.ca.clone());
+        // Made before any client connects: CPU work inside the tasks would
+        // hold up the other clients' handshakes past connect_timeout.
+        let data = payload(4 * 1024 * 1024 + seed as usize * 7919, seed);
+        let expected = sha256(&data);
         clients.spawn(async move {
-            let data = payload(4 * 1024 * 1024 + seed as usize * 7919, seed);
-            let expected = sha256(&data);
             let client = tls_client(&listen, "backend.test", &ca, None)
                 .await
                 .unwrap();
@@ -440,7 +442,7 @@ async fn bytes_intact_through_termination_and_origination_at_once() {
         });
     }
     while let Some(result) = clients.join_next().await {
-        result.unwrap();
+        result.unwrap_or_else(|err| panic!("{err}\n{}", _sluice.log_text()));
     }
     assert_eq!(backend.handshakes(), 4);
     backend.finish().await;
