@@ -9,7 +9,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::server::{self, StartError};
 
 #[derive(Debug, Parser)]
@@ -38,6 +38,9 @@ pub struct Cli {
     /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,13 +79,17 @@ pub fn main() -> ExitCode {
         (Some(file), Some(bind)) => Config::from_fluent_bit(file, bind),
         _ => Config::load(&cli.config),
     };
-    let config = match loaded {
+    let mut config = match loaded {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: configuration error: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(err) = apply_admin_flag(&mut config, cli.admin.as_deref()) {
+        eprintln!("sluice: configuration error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -120,6 +127,15 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+/// `--admin ADDR` sets or overrides `[admin] bind`, however the configuration was built.
+fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
+    if let Some(address) = flag {
+        let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
+        config.admin = Some(AdminConfig { bind });
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {

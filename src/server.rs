@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, UpstreamConfig};
+use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::{accept_loop, bind, BindError};
 use crate::proxy::ListenerContext;
 use crate::tls::ClientTlsSettings;
@@ -27,6 +29,11 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    /// The admin endpoint's address could not be bound: exit 2.
+    #[error(transparent)]
+    Admin(#[from] AdminBindError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Resolves every upstream of the configuration.
@@ -75,6 +82,9 @@ pub fn listener_contexts(
 /// What `--check` prints: the configuration as sluice will run it.
 pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
     let mut out = String::new();
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(out, "admin endpoint on {}", admin.bind);
+    }
     for listener in &config.listeners {
         let _ = writeln!(
             out,
@@ -162,12 +172,18 @@ fn describe_client_tls(tls: &ClientTlsSettings) -> String {
 
 /// Binds every listener, serves until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // Before the peers are built: they take their metric handles from it.
+    let metrics = metrics::install()?;
     let upstreams = resolve_upstreams(&config).await?;
+    let contexts = listener_contexts(&config, &upstreams)?;
+    let admin = AdminState::new(metrics, upstreams.clone());
+    if let Some(admin_config) = &config.admin {
+        admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
-    let contexts = listener_contexts(&config, &upstreams)?;
     let mut bound = Vec::with_capacity(config.listeners.len());
     for context in contexts {
         let listener = &context.config;
@@ -187,6 +203,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ));
     }
     accept_loops.close();
+    admin.set_listening();
 
     loop {
         tokio::select! {
@@ -197,6 +214,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
 
     // Stop accepting at once, then give open connections shutdown_timeout.
+    admin.set_draining();
     stop.cancel();
     accept_loops.wait().await;
     connections.close();

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
+use crate::balancer::{algorithm_for, PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+use crate::stats::{unavailable_counter, PeerStats};
 use crate::tls::{self, TlsOrigin};
 
 /// Where a peer is reached.
@@ -39,6 +40,8 @@ pub struct Peer {
     pub tls: Option<TlsOrigin>,
     /// Shared with the same peer in earlier and later builds of the group.
     pub health: Arc<PeerHealth>,
+    /// Shared like `health`.
+    pub stats: Arc<PeerStats>,
 }
 
 impl Peer {
@@ -58,6 +61,7 @@ pub struct Upstream {
     pub balance: Balance,
     pub peers: Vec<Peer>,
     selector: Mutex<Selector>,
+    unavailable: metrics::Counter,
 }
 
 impl Upstream {
@@ -85,6 +89,7 @@ impl Upstream {
                     server.label()
                 };
                 let mut peer = Peer {
+                    stats: Arc::new(PeerStats::new(&config.name, &label)),
                     label,
                     target,
                     server: server.clone(),
@@ -95,6 +100,7 @@ impl Upstream {
                     previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
                 {
                     peer.health = Arc::clone(&old.health);
+                    peer.stats = Arc::clone(&old.stats);
                 }
                 peers.push(peer);
             }
@@ -109,6 +115,7 @@ impl Upstream {
         let algorithm =
             algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
         Ok(Upstream {
+            unavailable: unavailable_counter(&name),
             name,
             balance,
             peers,
@@ -130,8 +137,19 @@ impl Upstream {
         Some(Attempt {
             upstream: Arc::clone(self),
             index,
+            started: Instant::now(),
             settled: false,
         })
+    }
+
+    /// Peer `index`'s state as of now.
+    pub fn peer_state(&self, index: usize) -> PeerState {
+        self.selector().state(index, Instant::now())
+    }
+
+    /// A client connection was closed because no peer could take it.
+    pub fn count_unavailable(&self) {
+        self.unavailable.increment(1);
     }
 }
 
@@ -189,6 +207,7 @@ pub async fn resolve_address(address: &Address) -> std::io::Result<Vec<PeerTarge
 pub struct Attempt {
     upstream: Arc<Upstream>,
     index: usize,
+    started: Instant,
     settled: bool,
 }
 
@@ -197,16 +216,18 @@ impl Attempt {
         &self.upstream.peers[self.index]
     }
 
-    /// The attempt failed: counts towards max_fails.
-    pub fn failed(mut self) {
+    /// The attempt failed for `reason`: counts towards max_fails.
+    pub fn failed(mut self, reason: &str) {
         self.settled = true;
         self.peer().health.failed(Instant::now());
+        self.peer().stats.failed(reason);
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
     pub fn succeeded(mut self) -> Lease {
         self.settled = true;
         self.peer().health.succeeded();
+        self.peer().stats.connected(self.started.elapsed());
         Lease {
             upstream: Arc::clone(&self.upstream),
             index: self.index,
@@ -237,5 +258,6 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.peer().health.released();
+        self.peer().stats.closed();
     }
 }

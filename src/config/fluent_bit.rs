@@ -45,6 +45,7 @@ impl Config {
             next_upstream_timeout: None,
             unix_mode: 0o660,
             tls: None,
+            access_log: true,
         };
         let upstream = UpstreamConfig {
             name: name.clone(),
@@ -52,6 +53,8 @@ impl Config {
             servers,
         };
         Ok(Config {
+            // `--admin ADDR` sets it afterwards, in this mode as in any other.
+            admin: None,
             shutdown_timeout: SHUTDOWN_TIMEOUT,
             listeners: vec![listener],
             upstreams: BTreeMap::from([(name, upstream)]),

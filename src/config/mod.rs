@@ -23,6 +23,8 @@ use crate::tls::{ClientTlsSettings, ServerTlsSettings};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub shutdown_timeout: Duration,
+    /// `None`: no admin endpoint.
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
@@ -42,6 +44,14 @@ pub struct ListenerConfig {
     pub unix_mode: u32,
     /// `[listener.tls]`: terminate TLS from clients.
     pub tls: Option<ServerTlsSettings>,
+    /// One access-log line per client connection at its close.
+    pub access_log: bool,
+}
+
+/// The admin HTTP endpoint (SPEC §5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub bind: Address,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -186,8 +196,24 @@ impl Source<'_> {
             }
             listeners.push(listener.config);
         }
+        let admin = match raw.admin {
+            Some(admin) if binds.contains(admin.bind.get_ref()) => {
+                return Err(self.error_at(
+                    &admin.bind,
+                    format!(
+                        "[admin]: bind address {} is used by a listener",
+                        admin.bind.get_ref()
+                    ),
+                ))
+            }
+            Some(admin) => Some(AdminConfig {
+                bind: admin.bind.into_inner(),
+            }),
+            None => None,
+        };
         Ok(Config {
             shutdown_timeout: raw.shutdown_timeout.0,
+            admin,
             listeners,
             upstreams,
         })
@@ -258,6 +284,7 @@ impl Source<'_> {
                     key_file: self.relative(tls.key_file),
                     client_ca_file: tls.client_ca_file.map(|path| self.relative(path)),
                 }),
+                access_log: raw.access_log,
             },
         })
     }
@@ -443,6 +470,38 @@ address = "127.0.0.1:7001"
         assert_eq!(server.fail_timeout, Duration::from_secs(10));
         assert!(!server.backup && !server.down);
         assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
+        assert_eq!(config.admin, None);
+        assert!(listener.access_log);
+    }
+
+    #[test]
+    fn admin_bind_and_access_log() {
+        let text = format!(
+            "{}\n[admin]\nbind = \"unix:/run/sluice/admin.sock\"\n",
+            MINIMAL.replace("upstream = \"u\"", "upstream = \"u\"\naccess_log = false")
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.admin,
+            Some(AdminConfig {
+                bind: Address::Unix("/run/sluice/admin.sock".into())
+            })
+        );
+        assert!(!config.listeners[0].access_log);
+    }
+
+    #[test]
+    fn admin_bind_is_checked() {
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1\"\n"));
+        assert_eq!(err.line, Some(12));
+        assert!(err.message.contains("127.0.0.1"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:7000\"\n"));
+        assert_eq!(err.line, Some(12));
+        assert!(err.message.contains("[admin]"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nport = 9100\n"));
+        assert!(err.message.contains("port"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\n"));
+        assert!(err.message.contains("bind"), "{err}");
     }
 
     fn error_of(text: &str) -> ConfigError {

@@ -16,6 +16,7 @@ use super::Address;
 pub(super) struct RawConfig {
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: DurationValue,
+    pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub listener: Vec<RawListener>,
     #[serde(default)]
@@ -37,7 +38,15 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::zero")]
     pub next_upstream_timeout: DurationValue,
     pub unix_mode: Option<Spanned<String>>,
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
     pub tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub bind: Spanned<Address>,
 }
 
 /// `[listener.tls]`: TLS termination.
@@ -190,5 +199,8 @@ mod defaults {
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
