@@ -335,6 +335,13 @@ async fn termination_without_client_certificates() {
         "{}",
         sluice.log_text()
     );
+    assert!(
+        sluice
+            .wait_for_log("close=\"client_error\"", Duration::from_secs(5))
+            .await,
+        "{}",
+        sluice.log_text()
+    );
     // A client that does not trust sluice's certificate gets no further.
     let untrusted = tls_client(&listen, "backend.test", &pki.impostor.cert, None).await;
     assert!(untrusted.is_err());
