@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{AdminConfig, Config};
@@ -25,6 +27,13 @@ pub struct Cli {
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     pub check: bool,
+    /// Run one listener in front of the nodes of this Fluent Bit Upstream
+    /// file, round-robin, instead of reading a TOML configuration.
+    #[arg(long, value_name = "FILE", requires = "bind")]
+    pub fluent_bit: Option<PathBuf>,
+    /// With --fluent-bit: the listener's address (HOST:PORT, [IPv6]:PORT or unix:/path).
+    #[arg(long, value_name = "ADDR", requires = "fluent_bit")]
+    pub bind: Option<String>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -49,14 +58,31 @@ const EXIT_CONFIG: u8 = 1;
 const EXIT_START: u8 = 2;
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // Checked here, not by clap, so that $SLUICE_CONFIG in the environment
+    // does not count as a conflicting --config.
+    if cli.fluent_bit.is_some() && matches.value_source("config") == Some(ValueSource::CommandLine)
+    {
+        Cli::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "--fluent-bit and --config cannot be used together",
+            )
+            .exit();
+    }
     if let Err(err) = init_logging(cli.log_format, cli.log_level.as_deref()) {
         eprintln!("sluice: invalid --log-level: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // The file that configuration errors found after parsing are about.
+    let source = cli.fluent_bit.as_ref().unwrap_or(&cli.config).clone();
     let watch = match watch_interval(cli.watch_config.as_deref()) {
         Ok(interval) => interval.map(|interval| ConfigWatch {
-            path: cli.config.clone(),
+            path: source.clone(),
             interval,
         }),
         Err(err) => {
@@ -64,7 +90,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut config = match Config::load(&cli.config) {
+    let loaded = match (&cli.fluent_bit, &cli.bind) {
+        (Some(file), Some(bind)) => Config::from_fluent_bit(file, bind),
+        _ => Config::load(&cli.config),
+    };
+    let mut config = match loaded {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: configuration error: {err}");
@@ -88,8 +118,9 @@ pub fn main() -> ExitCode {
     let result = if cli.check {
         runtime.block_on(async {
             let upstreams = server::resolve_upstreams(&config).await?;
+            server::listener_contexts(&config, &upstreams)?;
             print!("{}", server::summary(&config, &upstreams));
-            println!("configuration {} is valid", cli.config.display());
+            println!("configuration {} is valid", source.display());
             Ok(())
         })
     } else {
@@ -102,7 +133,7 @@ pub fn main() -> ExitCode {
         Err(StartError::Config(message)) => {
             eprintln!(
                 "sluice: configuration error: {}: {message}",
-                cli.config.display()
+                source.display()
             );
             ExitCode::from(EXIT_CONFIG)
         }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::balancer::{algorithm_for, PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 use crate::stats::{unavailable_counter, PeerStats};
+use crate::tls::{self, TlsOrigin};
 
 /// Where a peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub struct Peer {
     pub label: String,
     pub target: PeerTarget,
     pub server: ServerConfig,
+    /// TLS towards this peer, loaded from its files once per build of the group.
+    pub tls: Option<TlsOrigin>,
     /// Shared with the same peer in earlier and later builds of the group.
     pub health: Arc<PeerHealth>,
     /// Shared like `health`.
@@ -77,6 +80,7 @@ impl Upstream {
                     config.name, server.address
                 )
             })?;
+            let tls = server_tls(&config.name, server)?;
             let several = targets.len() > 1;
             for target in targets {
                 let label = if several {
@@ -89,6 +93,7 @@ impl Upstream {
                     label,
                     target,
                     server: server.clone(),
+                    tls: tls.clone(),
                     health: Arc::default(),
                 };
                 if let Some(old) =
@@ -146,6 +151,21 @@ impl Upstream {
     pub fn count_unavailable(&self) {
         self.unavailable.increment(1);
     }
+}
+
+/// Reads a server's TLS files; an error names the file (a configuration error).
+fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, String> {
+    let Some(settings) = &server.tls else {
+        return Ok(None);
+    };
+    // A unix: server always has `server_name` (the configuration requires it).
+    let host = server.address.host().unwrap_or_default();
+    tls::origin(settings, host).map(Some).map_err(|err| {
+        format!(
+            "upstream {upstream:?}: server {}: TLS: {err}",
+            server.label()
+        )
+    })
 }
 
 fn peer_params(server: &ServerConfig) -> PeerParams {

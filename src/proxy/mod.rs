@@ -14,13 +14,15 @@ use std::time::Duration;
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
 use crate::stats::PeerStats;
-use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
+use crate::tls::{self, TlsOrigin};
+use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
 use stream::Stream;
 
@@ -33,6 +35,26 @@ const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 pub struct ListenerContext {
     pub config: ListenerConfig,
     pub upstream: SharedUpstream,
+    /// TLS termination, loaded from the listener's files once per load.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl ListenerContext {
+    /// Builds the context, reading the listener's TLS files if it has any.
+    pub fn new(config: ListenerConfig, upstream: SharedUpstream) -> Result<Self, String> {
+        let tls = match &config.tls {
+            Some(settings) => Some(
+                tls::acceptor(settings)
+                    .map_err(|err| format!("listener {:?}: TLS: {err}", config.name))?,
+            ),
+            None => None,
+        };
+        Ok(ListenerContext {
+            config,
+            upstream,
+            tls,
+        })
+    }
 }
 
 /// A client's address: TCP clients have one; UNIX-socket clients usually do not.
@@ -93,6 +115,16 @@ pub async fn serve_connection(
         upstream,
         accepted,
     );
+    if let Some(acceptor) = &context.tls {
+        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+            Ok(client) => client,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
+                access.finish(None, 0, 0, Close::ClientError(&reason));
+                return;
+            }
+        };
+    }
     let (lease, mut upstream_stream) = match connect_upstream(
         &context.config,
         &group,
@@ -199,12 +231,17 @@ async fn connect_upstream(
             .select(&mut tried, &key)
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
-        let reason = match tokio::time::timeout(timeout, connect(&attempt.peer().target)).await {
+        // One timeout covers the connect and the TLS handshake.
+        let reason = match tokio::time::timeout(timeout, connect_peer(attempt.peer())).await {
             Ok(Ok(stream)) => {
                 access.tried(&attempt.peer().label, TryOutcome::Connected);
                 return Ok((attempt.succeeded(), stream));
             }
             Ok(Err(err)) => err.to_string(),
+            Err(_) if attempt.peer().tls.is_some() => format!(
+                "connect and TLS handshake timed out after {}",
+                humantime::format_duration(timeout)
+            ),
             Err(_) => format!(
                 "connect timed out after {}",
                 humantime::format_duration(timeout)
@@ -220,6 +257,41 @@ async fn connect_upstream(
         );
         access.tried(&attempt.peer().label, TryOutcome::Failed(reason.clone()));
         attempt.failed(&reason);
+    }
+}
+
+/// Connects to the peer and, if it speaks TLS, completes the handshake.
+async fn connect_peer(peer: &Peer) -> io::Result<Stream> {
+    let stream = connect(&peer.target).await?;
+    match &peer.tls {
+        Some(tls) => originate_tls(tls, stream).await,
+        None => Ok(stream),
+    }
+}
+
+async fn originate_tls(tls: &TlsOrigin, stream: Stream) -> io::Result<Stream> {
+    match tls.connector.connect(tls.server_name.clone(), stream).await {
+        Ok(stream) => Ok(Stream::TlsToPeer(Box::new(stream))),
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!("TLS handshake failed: {err}"),
+        )),
+    }
+}
+
+/// The client's TLS handshake, within the listener's connect_timeout.
+async fn terminate_tls(
+    acceptor: &TlsAcceptor,
+    client: Stream,
+    timeout: Duration,
+) -> Result<Stream, String> {
+    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+        Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!(
+            "no TLS handshake within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 
