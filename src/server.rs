@@ -8,9 +8,14 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::admin::{self, AdminBindError, AdminState};
+use crate::config::{Config, UpstreamConfig};
+use crate::config_watch::{self, ConfigWatch};
+use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::BindError;
+use crate::proxy::ListenerContext;
 use crate::supervisor::{PrepareError, Supervisor};
+use crate::tls::ClientTlsSettings;
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// Why sluice could not start; each maps to an exit status.
@@ -24,6 +29,11 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    /// The admin endpoint's address could not be bound: exit 2.
+    #[error(transparent)]
+    Admin(#[from] AdminBindError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Resolves every upstream of the configuration.
@@ -35,14 +45,46 @@ pub async fn resolve_upstreams(
         let resolved = Upstream::resolve(upstream, None)
             .await
             .map_err(StartError::Config)?;
+        warn_unverified_tls(upstream);
         upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
     }
     Ok(upstreams)
 }
 
+pub(crate) fn warn_unverified_tls(upstream: &UpstreamConfig) {
+    for server in &upstream.servers {
+        if server.tls.as_ref().is_some_and(|tls| !tls.verify) {
+            warn!(
+                upstream = upstream.name.as_str(),
+                server = server.label().as_str(),
+                "TLS verification is off for this server (verify = false): any certificate is accepted"
+            );
+        }
+    }
+}
+
+/// One context per listener, in configuration order; reads the listeners'
+/// TLS files, so an unusable one is a configuration error.
+pub fn listener_contexts(
+    config: &Config,
+    upstreams: &BTreeMap<String, SharedUpstream>,
+) -> Result<Vec<ListenerContext>, StartError> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            ListenerContext::new(listener.clone(), Arc::clone(&upstreams[&listener.upstream]))
+                .map_err(StartError::Config)
+        })
+        .collect()
+}
+
 /// What `--check` prints: the configuration as sluice will run it.
 pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
     let mut out = String::new();
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(out, "admin endpoint on {}", admin.bind);
+    }
     for listener in &config.listeners {
         let _ = writeln!(
             out,
@@ -55,6 +97,19 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
             listener.next_upstream_tries,
             listener.next_upstream_timeout.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
         );
+        if let Some(tls) = &listener.tls {
+            let _ = writeln!(
+                out,
+                "  tls termination cert_file {} key_file {} client_ca_file {}",
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.client_ca_file
+                    .as_ref()
+                    .map_or("none (no client certificates)".into(), |p| p
+                        .display()
+                        .to_string()),
+            );
+        }
     }
     for upstream in upstreams.values().map(|shared| shared.load()) {
         let _ = writeln!(
@@ -77,34 +132,86 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
                 if server.backup { " backup" } else { "" },
                 if server.down { " down" } else { "" },
             );
+            if let Some(tls) = &server.tls {
+                let _ = writeln!(out, "    tls {}", describe_client_tls(tls));
+            }
+            if !server.plugin_keys.is_empty() {
+                let keys: Vec<String> = server
+                    .plugin_keys
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                let _ = writeln!(out, "    kept, not used: {}", keys.join(" "));
+            }
         }
     }
     out
 }
 
+fn describe_client_tls(tls: &ClientTlsSettings) -> String {
+    let mut text = format!("verify {}", if tls.verify { "on" } else { "off" });
+    if let Some(name) = &tls.server_name {
+        let _ = write!(text, " server_name {name}");
+    }
+    let files = [
+        ("ca_file", &tls.ca_file),
+        ("ca_path", &tls.ca_path),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path {
+            let _ = write!(text, " {key} {}", path.display());
+        }
+    }
+    if tls.verify && tls.ca_file.is_none() && tls.ca_path.is_none() {
+        text.push_str(" (system trust roots)");
+    }
+    text
+}
+
+impl From<PrepareError> for StartError {
+    fn from(err: PrepareError) -> Self {
+        match err {
+            PrepareError::Config(message) => StartError::Config(message),
+            PrepareError::Bind(err) => StartError::Bind(err),
+        }
+    }
+}
+
 /// Binds every listener and serves until SIGTERM or SIGINT, then drains. On
-/// SIGHUP, `reload` gives the new configuration (SPEC §6).
+/// SIGHUP, `reload` gives the new configuration (SPEC §6); with `watch`, a
+/// change of the configuration file's content raises SIGHUP.
 pub async fn run(
     config: Config,
     reload: impl Fn() -> Result<Config, String>,
+    watch: Option<ConfigWatch>,
 ) -> Result<(), StartError> {
+    // Before the peers are built: they take their metric handles from it.
+    let metrics = metrics::install()?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
-    let mut supervisor = Supervisor::start(config).await.map_err(|err| match err {
-        PrepareError::Config(message) => StartError::Config(message),
-        PrepareError::Bind(err) => StartError::Bind(err),
-    })?;
+    let mut supervisor = Supervisor::start(config).await?;
+    let admin = AdminState::new(metrics, supervisor.upstreams());
+    if let Some(admin_config) = &supervisor.config().admin {
+        admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
+    }
+    admin.set_listening();
+    // Started after the SIGHUP handler is installed: it signals this process.
+    let config_watch = watch.map(config_watch::spawn);
 
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => reload_from(&mut supervisor, &reload).await,
+            _ = hangup.recv() => reload_from(&mut supervisor, &admin, &reload).await,
         }
     }
+    drop(config_watch);
 
     // Stop accepting at once, then give open connections shutdown_timeout.
+    admin.set_draining();
     let open = supervisor.drain().await;
     if open > 0 {
         warn!(
@@ -118,7 +225,11 @@ pub async fn run(
 
 /// One reload: the new configuration is read and checked first; any error
 /// leaves the running one untouched.
-async fn reload_from(supervisor: &mut Supervisor, reload: &impl Fn() -> Result<Config, String>) {
+async fn reload_from(
+    supervisor: &mut Supervisor,
+    admin: &AdminState,
+    reload: &impl Fn() -> Result<Config, String>,
+) {
     info!("SIGHUP received: reloading the configuration");
     let config = match reload() {
         Ok(config) => config,
@@ -127,8 +238,15 @@ async fn reload_from(supervisor: &mut Supervisor, reload: &impl Fn() -> Result<C
             return;
         }
     };
+    let admin_moved = config.admin != supervisor.config().admin;
     match supervisor.reload(config).await {
-        Ok(summary) => info!(changes = %summary, "configuration reloaded"),
+        Ok(summary) => {
+            admin.set_upstreams(supervisor.upstreams());
+            info!(changes = %summary, "configuration reloaded");
+            if admin_moved {
+                warn!("the [admin] settings changed: they apply at the next start, not on reload");
+            }
+        }
         Err(err) => {
             error!(reason = %err, "reload failed; the running configuration stays")
         }

@@ -17,6 +17,7 @@ use tracing::info;
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig};
 use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
 use crate::proxy::ListenerContext;
+use crate::server::warn_unverified_tls;
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// A listener that is accepting.
@@ -39,7 +40,8 @@ struct RunningUpstream {
 struct Prepared {
     config: Config,
     upstreams: Vec<(String, UpstreamPlan)>,
-    listeners: Vec<(ListenerConfig, ListenerPlan)>,
+    /// Each listener's new context (TLS files read) and what to do with its socket.
+    listeners: Vec<(ListenerContext, ListenerPlan)>,
 }
 
 enum UpstreamPlan {
@@ -132,9 +134,13 @@ impl Supervisor {
                     let build = Upstream::resolve(upstream, Some(&old))
                         .await
                         .map_err(PrepareError::Config)?;
-                    if running.config == *upstream && same_peers(&old, &build) {
+                    // A group with TLS is always rebuilt, so a reload
+                    // re-reads its certificate files.
+                    let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
+                    if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
                         UpstreamPlan::Keep
                     } else {
+                        warn_unverified_tls(upstream);
                         UpstreamPlan::Replace(build)
                     }
                 }
@@ -142,6 +148,7 @@ impl Supervisor {
                     let build = Upstream::resolve(upstream, None)
                         .await
                         .map_err(PrepareError::Config)?;
+                    warn_unverified_tls(upstream);
                     UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
                 }
             };
@@ -149,6 +156,23 @@ impl Supervisor {
         }
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
+            let upstream = match upstreams
+                .iter()
+                .find(|(name, _)| *name == listener.upstream)
+            {
+                Some((_, UpstreamPlan::New(shared))) => Arc::clone(shared),
+                _ => match self.upstreams.get(&listener.upstream) {
+                    Some(running) => Arc::clone(&running.shared),
+                    None => {
+                        return Err(PrepareError::Config(format!(
+                            "listener {:?}: unknown upstream {:?}",
+                            listener.name, listener.upstream
+                        )))
+                    }
+                },
+            };
+            let context =
+                ListenerContext::new(listener.clone(), upstream).map_err(PrepareError::Config)?;
             let kept = self
                 .listeners
                 .get(&listener.name)
@@ -161,7 +185,7 @@ impl Supervisor {
                 let socket = bind(&listener.name, &listener.bind, listener.unix_mode).await?;
                 ListenerPlan::Start(Arc::new(socket))
             };
-            listeners.push((listener.clone(), plan));
+            listeners.push((context, plan));
         }
         Ok(Prepared {
             config,
@@ -208,11 +232,8 @@ impl Supervisor {
         summary.upstreams_removed.extend(old_upstreams.into_keys());
 
         let mut old_listeners = std::mem::take(&mut self.listeners);
-        for (listener, plan) in prepared.listeners {
-            let context = ListenerContext {
-                config: listener.clone(),
-                upstream: Arc::clone(&self.upstreams[&listener.upstream].shared),
-            };
+        for (context, plan) in prepared.listeners {
+            let listener = context.config.clone();
             let running = match (plan, old_listeners.remove(&listener.name)) {
                 (ListenerPlan::Keep, Some(running)) => {
                     if running.config != listener {
@@ -232,7 +253,7 @@ impl Supervisor {
                     } else {
                         summary.listeners_added.push(listener.name.clone());
                     }
-                    self.spawn_listener(listener.clone(), socket, context)
+                    self.spawn_listener(socket, context)
                 }
                 // prepare() plans Keep only for running listeners.
                 (ListenerPlan::Keep, None) => continue,
@@ -252,10 +273,10 @@ impl Supervisor {
 
     fn spawn_listener(
         &self,
-        config: ListenerConfig,
         socket: Arc<BoundSocket>,
         context: ListenerContext,
     ) -> RunningListener {
+        let config = context.config.clone();
         let context = Arc::new(ArcSwap::from_pointee(context));
         let stop = self.stop.child_token();
         self.accept_loops.spawn(accept_loop(
@@ -270,6 +291,19 @@ impl Supervisor {
             context,
             stop,
         }
+    }
+
+    /// The configuration running now.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Every upstream group by name, as the admin endpoint reports them.
+    pub fn upstreams(&self) -> BTreeMap<String, SharedUpstream> {
+        self.upstreams
+            .iter()
+            .map(|(name, running)| (name.clone(), Arc::clone(&running.shared)))
+            .collect()
     }
 }
 
