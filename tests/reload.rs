@@ -312,3 +312,66 @@ async fn a_listener_moved_to_another_address_stops_on_the_old_one() {
     assert!(refused, "the old address still accepts");
     backend.finish().await;
 }
+
+/// One GET on the admin endpoint: (status, body).
+async fn admin_get(admin: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_shows_the_reloaded_groups() {
+    let (a, b) = (
+        Backend::tcp("a", Behavior::Echo).await,
+        Backend::tcp("b", Behavior::Echo).await,
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let with_admin = |servers: &[String], extra: &str| {
+        format!(
+            "{}{extra}\n[admin]\nbind = \"{admin}\"\n",
+            config(&listen, "", "", servers)
+        )
+    };
+    let one = [server(a.addr, "name = \"a\"")];
+    let sluice = Sluice::start(&with_admin(&one, "")).await;
+
+    let two = [
+        server(a.addr, "name = \"a\""),
+        server(b.addr, "name = \"b\"\nweight = 4"),
+    ];
+    let extra = format!(
+        "\n[upstream.spare]\n[[upstream.spare.server]]\naddress = \"{}\"\n",
+        b.addr
+    );
+    let outcome = reload(&sluice, &with_admin(&two, &extra)).await;
+    assert!(outcome.contains("upstreams added: spare"), "{outcome}");
+    assert!(outcome.contains("peers added: pool/b"), "{outcome}");
+
+    let (code, body) = admin_get(&admin, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let peers: Vec<(String, u64)> = status["upstreams"]["pool"]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|peer| {
+            (
+                peer["name"].as_str().unwrap().to_owned(),
+                peer["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(peers, [("a".to_owned(), 1), ("b".to_owned(), 4)]);
+    assert!(status["upstreams"]["spare"].is_object(), "{status:#}");
+    assert_eq!(admin_get(&admin, "/readyz").await.0, 200);
+    a.finish().await;
+    b.finish().await;
+}
