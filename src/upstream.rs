@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
+use crate::balancer::{algorithm_for, PeerHealth, PeerParams, RingMember, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 
 /// Where a peer is reached.
@@ -99,10 +99,19 @@ impl Upstream {
 
     pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Result<Upstream, String> {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
-        let weights: Vec<u32> = params.iter().map(|p| p.weight).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
-        let algorithm =
-            algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
+        // A peer's place on a hash ring follows its address, so it keeps its
+        // keys whatever else is added, removed or renamed.
+        let identities: Vec<String> = peers.iter().map(|peer| peer.target.to_string()).collect();
+        let members: Vec<RingMember<'_>> = identities
+            .iter()
+            .zip(&params)
+            .map(|(identity, params)| RingMember {
+                identity,
+                weight: params.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(&balance, &members);
         Ok(Upstream {
             name,
             balance,

@@ -5,11 +5,17 @@
 //! max_fails/fail_timeout, backup tier, peers already tried by this client);
 //! an [`Algorithm`] only chooses among the peers it is told are eligible.
 
+mod hash;
+mod least_conn;
+mod random;
 mod round_robin;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use hash::{ConsistentHash, RingMember};
+pub use least_conn::LeastConn;
+pub use random::{Random, RandomTwo};
 pub use round_robin::RoundRobin;
 
 use crate::config::Balance;
@@ -30,7 +36,7 @@ pub struct PeerParams {
 /// One peer as an algorithm sees it at the moment of a pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerView {
-    pub weight: u32,
+    pub weight: u64,
     pub active: u32,
     pub eligible: bool,
 }
@@ -43,14 +49,14 @@ pub trait Algorithm: Send {
     fn pick(&mut self, peers: &[PeerView], key: &[u8]) -> Option<usize>;
 }
 
-/// Builds the algorithm for a method over peers with these weights.
-pub fn algorithm_for(balance: &Balance, weights: &[u32]) -> Result<Box<dyn Algorithm>, String> {
+/// Builds the algorithm for a method over these peers, in order.
+pub fn algorithm_for(balance: &Balance, peers: &[RingMember<'_>]) -> Box<dyn Algorithm> {
     match balance {
-        Balance::RoundRobin => Ok(Box::new(RoundRobin::new(weights.len()))),
-        other => Err(format!(
-            "balance = \"{}\" is not available in this build",
-            other.name()
-        )),
+        Balance::RoundRobin => Box::new(RoundRobin::new(peers.len())),
+        Balance::LeastConn => Box::new(LeastConn::new(peers.len())),
+        Balance::Random => Box::<Random>::default(),
+        Balance::RandomTwo => Box::<RandomTwo>::default(),
+        Balance::Hash(_) => Box::new(ConsistentHash::new(peers)),
     }
 }
 
@@ -211,7 +217,7 @@ impl Selector {
                     params.backup == backup && !tried.contains(index) && self.eligible(index, now);
                 any |= eligible;
                 PeerView {
-                    weight: params.weight,
+                    weight: u64::from(params.weight),
                     active: self.health[index].active(),
                     eligible,
                 }
@@ -448,5 +454,64 @@ mod tests {
         assert!(tried.contains(130));
         assert!(!tried.contains(2));
         assert!(!tried.contains(1000));
+    }
+}
+
+#[cfg(test)]
+mod method_tests {
+    use super::tests::params;
+    use super::*;
+    use crate::config::HashKey;
+
+    fn selector(balance: &Balance, params: Vec<PeerParams>) -> Selector {
+        let identities: Vec<String> = (0..params.len()).map(|i| format!("10.0.0.{i}:1")).collect();
+        let members: Vec<RingMember<'_>> = identities
+            .iter()
+            .zip(&params)
+            .map(|(identity, p)| RingMember {
+                identity,
+                weight: p.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(balance, &members);
+        let health = params.iter().map(|_| Arc::default()).collect();
+        Selector::new(params, health, algorithm)
+    }
+
+    const METHODS: [Balance; 5] = [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::Random,
+        Balance::RandomTwo,
+        Balance::Hash(HashKey::ClientIp),
+    ];
+
+    #[test]
+    fn every_method_honours_down_max_conns_and_failures() {
+        for balance in &METHODS {
+            let mut down = params(1);
+            down.down = true;
+            let mut limited = params(1);
+            limited.max_conns = 1;
+            let mut selector = selector(balance, vec![down, limited, params(1), params(1)]);
+            let now = Instant::now();
+            // Fill peer 1 and fail peer 2; only peer 3 is left.
+            selector.health(1).lock().active = 1;
+            selector.health(2).failed(now);
+            for n in 0..50u32 {
+                let key = n.to_string();
+                let picked = selector.select(now, &Tried::default(), key.as_bytes());
+                assert_eq!(picked, Some(3), "{}", balance.name());
+                selector.health(3).succeeded();
+                selector.health(3).released();
+            }
+            selector.health(3).failed(now);
+            assert_eq!(
+                selector.select(now, &Tried::default(), b"k"),
+                None,
+                "{}",
+                balance.name()
+            );
+        }
     }
 }
