@@ -147,6 +147,7 @@ fn peer_params(server: &ServerConfig) -> PeerParams {
         fail_timeout: server.fail_timeout,
         backup: server.backup,
         down: server.down,
+        slow_start: server.slow_start,
     }
 }
 

@@ -228,3 +228,52 @@ async fn hash_on_client_addr_spreads_one_ip_over_peers() {
         backend.finish().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_recovered_peer_back_in() {
+    let b = Backend::tcp("b", Behavior::Announce).await;
+    let a_addr = free_addr();
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(
+        &listen,
+        "",
+        "",
+        &[
+            server(&a_addr, "fail_timeout = \"1s\"\nslow_start = \"4s\""),
+            server(b.addr, ""),
+        ],
+    ))
+    .await;
+    // a refuses: it is marked failed; then it comes back.
+    assert_eq!(announced(&listen, 1).await, "b");
+    let a = Backend::tcp_on(&a_addr, "a", Behavior::Announce).await;
+    // After fail_timeout one connection probes a and succeeds: a recovers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.accepted() == 0 {
+        assert!(std::time::Instant::now() < deadline, "a was never probed");
+        announced(&listen, 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = std::time::Instant::now();
+    // In the first 10% of slow_start a's weight is at most a tenth of b's:
+    // of 20 connections it takes at most 3 (the round-robin state may owe it one);
+    // without slow start it would take 10.
+    let mut early = String::new();
+    for _ in 0..20 {
+        early.push_str(&announced(&listen, 1).await);
+    }
+    assert!(
+        recovered.elapsed() < Duration::from_millis(400),
+        "too slow to observe the ramp"
+    );
+    assert!(early.matches('a').count() <= 3, "order {early}");
+    // Once slow_start is over, a has its full weight again.
+    tokio::time::sleep_until((recovered + Duration::from_secs(4)).into()).await;
+    let mut late = String::new();
+    for _ in 0..20 {
+        late.push_str(&announced(&listen, 1).await);
+    }
+    assert!(late.matches('a').count().abs_diff(10) <= 1, "order {late}");
+    a.finish().await;
+    b.finish().await;
+}

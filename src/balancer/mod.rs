@@ -9,6 +9,7 @@ mod hash;
 mod least_conn;
 mod random;
 mod round_robin;
+mod slow_start;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ pub use hash::{ConsistentHash, RingMember};
 pub use least_conn::LeastConn;
 pub use random::{Random, RandomTwo};
 pub use round_robin::RoundRobin;
+pub use slow_start::{effective_weight, WEIGHT_SCALE};
 
 use crate::config::Balance;
 
@@ -31,6 +33,8 @@ pub struct PeerParams {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// Zero: no slow start.
+    pub slow_start: Duration,
 }
 
 /// One peer as an algorithm sees it at the moment of a pick.
@@ -77,6 +81,11 @@ struct Health {
     checked: Option<Instant>,
     /// When the last failure happened (nginx `accessed`).
     accessed: Option<Instant>,
+    /// The pick that opened the current window went to a peer marked failed:
+    /// its success is a recovery.
+    probing: bool,
+    /// When the peer last recovered from failure, for slow start.
+    recovered_at: Option<Instant>,
 }
 
 /// One peer's live state: active connections and failure accounting. It is
@@ -96,10 +105,20 @@ impl PeerHealth {
     /// A connection attempt succeeded: a failure streak that started before
     /// this attempt's window is forgiven.
     pub fn succeeded(&self) {
+        self.succeeded_at(Instant::now());
+    }
+
+    /// [`PeerHealth::succeeded`] at `now`; a successful probe of a failed
+    /// peer starts its slow start.
+    pub fn succeeded_at(&self, now: Instant) {
         let mut health = self.lock();
         if health.accessed < health.checked {
             health.fails = 0;
+            if health.probing {
+                health.recovered_at = Some(now);
+            }
         }
+        health.probing = false;
     }
 
     /// A connection attempt failed; it is no longer active.
@@ -109,6 +128,7 @@ impl PeerHealth {
         health.fails = health.fails.saturating_add(1);
         health.accessed = Some(now);
         health.checked = Some(now);
+        health.probing = false;
     }
 
     /// A connection (attempted or relayed) ended.
@@ -119,6 +139,12 @@ impl PeerHealth {
 
     pub fn active(&self) -> u32 {
         self.lock().active
+    }
+
+    /// When the peer last recovered (a successful probe after being marked
+    /// failed, or a health check bringing it back); `None` if never.
+    pub fn recovered_at(&self) -> Option<Instant> {
+        self.lock().recovered_at
     }
 
     /// Failed attempts counted since the last success.
@@ -197,6 +223,7 @@ impl Selector {
             .checked
             .is_none_or(|checked| now.saturating_duration_since(checked) > params.fail_timeout)
         {
+            health.probing = params.max_fails > 0 && health.fails >= params.max_fails;
             health.checked = Some(now);
         }
         Some(picked)
@@ -217,7 +244,12 @@ impl Selector {
                     params.backup == backup && !tried.contains(index) && self.eligible(index, now);
                 any |= eligible;
                 PeerView {
-                    weight: u64::from(params.weight),
+                    weight: effective_weight(
+                        params.weight,
+                        params.slow_start,
+                        self.health[index].recovered_at(),
+                        now,
+                    ),
                     active: self.health[index].active(),
                     eligible,
                 }
@@ -265,6 +297,7 @@ mod tests {
             fail_timeout: Duration::from_secs(10),
             backup: false,
             down: false,
+            slow_start: Duration::ZERO,
         }
     }
 
@@ -513,5 +546,114 @@ mod method_tests {
                 balance.name()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::tests::params;
+    use super::*;
+
+    fn selector(balance: Balance, params: Vec<PeerParams>) -> Selector {
+        let members: Vec<RingMember<'_>> = params
+            .iter()
+            .map(|p| RingMember {
+                identity: "unused",
+                weight: p.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(&balance, &members);
+        let health = params.iter().map(|_| Arc::default()).collect();
+        Selector::new(params, health, algorithm)
+    }
+
+    /// Fails peer 0 at `start` and lets its probe succeed after fail_timeout;
+    /// returns when it recovered.
+    fn fail_and_recover(selector: &mut Selector, start: Instant) -> Instant {
+        let tried = Tried::default();
+        assert_eq!(selector.select(start, &tried, b""), Some(0));
+        selector.health(0).failed(start);
+        let probe_time = start + Duration::from_secs(11);
+        loop {
+            let index = selector.select(probe_time, &tried, b"").unwrap();
+            if index == 0 {
+                selector.health(0).succeeded_at(probe_time);
+                selector.health(0).released();
+                return probe_time;
+            }
+            selector.health(index).succeeded_at(probe_time);
+            selector.health(index).released();
+        }
+    }
+
+    fn count_picks(selector: &mut Selector, now: Instant, picks: usize) -> usize {
+        (0..picks)
+            .filter(|_| {
+                let index = selector.select(now, &Tried::default(), b"").unwrap();
+                selector.health(index).succeeded_at(now);
+                selector.health(index).released();
+                index == 0
+            })
+            .count()
+    }
+
+    fn slow(seconds: u64) -> PeerParams {
+        let mut params = params(1);
+        params.slow_start = Duration::from_secs(seconds);
+        params
+    }
+
+    #[test]
+    fn round_robin_ramps_a_recovered_peer_up() {
+        let mut selector = selector(Balance::RoundRobin, vec![slow(10), params(1)]);
+        let start = Instant::now();
+        let recovered = fail_and_recover(&mut selector, start);
+        assert_eq!(selector.health(0).recovered_at(), Some(recovered));
+        // Weights 1:1 ramped to 0.25:1, 0.5:1, 1:1; each count is exact up to
+        // the one pick the round-robin state carries from the phase before.
+        for (seconds, picks, expected) in [(2.5, 50, 10), (5.0, 60, 20), (10.0, 60, 30)] {
+            let now = recovered + Duration::from_secs_f64(seconds);
+            let got = count_picks(&mut selector, now, picks);
+            assert!(
+                got.abs_diff(expected) <= 1,
+                "at {seconds}s: {got} of {picks}"
+            );
+        }
+    }
+
+    #[test]
+    fn least_conn_weighs_a_recovering_peer_by_its_ramped_weight() {
+        let mut selector = selector(Balance::LeastConn, vec![slow(20), params(1)]);
+        let recovered = fail_and_recover(&mut selector, Instant::now());
+        // At a quarter of the period the weights are 0.25:1; held connections
+        // pile up 1:4.
+        let now = recovered + Duration::from_secs(5);
+        let mut on_recovered = 0;
+        for _ in 0..10 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            selector.health(index).succeeded_at(now);
+            on_recovered += usize::from(index == 0);
+        }
+        assert_eq!(on_recovered, 2);
+    }
+
+    #[test]
+    fn a_failure_below_max_fails_is_no_recovery() {
+        let mut tolerant = slow(10);
+        tolerant.max_fails = 3;
+        let mut selector = selector(Balance::RoundRobin, vec![tolerant]);
+        let now = Instant::now();
+        let index = selector.select(now, &Tried::default(), b"").unwrap();
+        selector.health(index).failed(now);
+        let later = now + Duration::from_secs(11);
+        let index = selector.select(later, &Tried::default(), b"").unwrap();
+        selector.health(index).succeeded_at(later);
+        assert_eq!(selector.health(0).recovered_at(), None);
+    }
+
+    #[test]
+    fn a_peer_never_failed_has_its_full_weight_at_once() {
+        let mut selector = selector(Balance::RoundRobin, vec![slow(10), params(1)]);
+        assert_eq!(count_picks(&mut selector, Instant::now(), 10), 5);
     }
 }

@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// Zero: no slow start.
+    pub slow_start: Duration,
 }
 
 impl ServerConfig {
@@ -295,6 +297,15 @@ impl Source<'_> {
                 ),
             ));
         }
+        if !raw.slow_start.get_ref().0.is_zero() && !balance.allows_slow_start() {
+            return Err(self.error_at(
+                &raw.slow_start,
+                format!(
+                    "upstream {upstream:?}: key `slow_start` is not allowed with balance = \"{}\"",
+                    balance.name()
+                ),
+            ));
+        }
         if let Some(name) = &raw.name {
             if name.get_ref().is_empty() {
                 return Err(
@@ -311,6 +322,7 @@ impl Source<'_> {
             fail_timeout: raw.fail_timeout.0,
             backup: raw.backup.into_inner(),
             down: raw.down,
+            slow_start: raw.slow_start.into_inner().0,
         })
     }
 }
@@ -360,6 +372,7 @@ address = "127.0.0.1:7001"
         );
         assert_eq!(server.fail_timeout, Duration::from_secs(10));
         assert!(!server.backup && !server.down);
+        assert_eq!(server.slow_start, Duration::ZERO);
         assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
     }
 
@@ -418,6 +431,31 @@ address = "127.0.0.1:7001"
         assert_eq!(err.line, Some(11));
         assert!(err.message.contains("backup"), "{err}");
         assert!(err.message.contains("hash"), "{err}");
+    }
+
+    #[test]
+    fn slow_start_only_with_round_robin_and_least_conn() {
+        let with = |balance: &str| {
+            parse(
+                &(MINIMAL.replace(
+                    "[upstream.u]",
+                    &format!("[upstream.u]\nbalance = \"{balance}\""),
+                ) + "slow_start = \"30s\"\n"),
+            )
+        };
+        for balance in ["round_robin", "least_conn"] {
+            let config = with(balance).unwrap();
+            assert_eq!(
+                config.upstreams["u"].servers[0].slow_start,
+                Duration::from_secs(30)
+            );
+        }
+        for balance in ["random", "random_two", "hash"] {
+            let err = with(balance).unwrap_err();
+            assert_eq!(err.line, Some(11), "{err}");
+            assert!(err.message.contains("slow_start"), "{err}");
+            assert!(err.message.contains(balance), "{err}");
+        }
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub(super) struct RawServer {
     pub backup: Spanned<bool>,
     #[serde(default)]
     pub down: bool,
+    #[serde(default = "defaults::zero_spanned")]
+    pub slow_start: Spanned<DurationValue>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
@@ -91,6 +93,11 @@ impl Balance {
 
     /// Random and hash methods spread over every peer; a backup tier makes no sense there.
     pub fn allows_backup(&self) -> bool {
+        matches!(self, Balance::RoundRobin | Balance::LeastConn)
+    }
+
+    /// Only the weighted rotating methods can ramp a weight (as in nginx Plus).
+    pub fn allows_slow_start(&self) -> bool {
         matches!(self, Balance::RoundRobin | Balance::LeastConn)
     }
 }
@@ -149,6 +156,9 @@ mod defaults {
     }
     pub fn zero() -> DurationValue {
         DurationValue(Duration::ZERO)
+    }
+    pub fn zero_spanned() -> Spanned<DurationValue> {
+        spanned(zero())
     }
     pub fn balance() -> Spanned<Balance> {
         spanned(Balance::RoundRobin)
