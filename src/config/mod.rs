@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::Address;
-pub use raw::{Balance, HashKey};
+pub use raw::{Balance, HashKey, ProxyProtocol};
 
 use raw::{RawConfig, RawListener, RawServer, RawUpstream};
 use toml::Spanned;
@@ -37,6 +37,10 @@ pub struct ListenerConfig {
     /// `None`: no limit on the time all attempts may take together.
     pub next_upstream_timeout: Option<Duration>,
     pub unix_mode: u32,
+    /// Send a PROXY header to the upstream before any client byte.
+    pub proxy_protocol: ProxyProtocol,
+    /// Read and strip a PROXY header from each client first.
+    pub accept_proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +241,8 @@ impl Source<'_> {
                 next_upstream_tries: raw.next_upstream_tries,
                 next_upstream_timeout: non_zero(raw.next_upstream_timeout.0),
                 unix_mode,
+                proxy_protocol: raw.proxy_protocol,
+                accept_proxy_protocol: raw.accept_proxy_protocol,
             },
         })
     }
@@ -365,6 +371,8 @@ address = "127.0.0.1:7001"
         assert_eq!(listener.idle_timeout, Some(Duration::from_secs(600)));
         assert_eq!(listener.next_upstream_tries, 0);
         assert_eq!(listener.next_upstream_timeout, None);
+        assert_eq!(listener.proxy_protocol, ProxyProtocol::Off);
+        assert!(!listener.accept_proxy_protocol);
         let server = &config.upstreams["u"].servers[0];
         assert_eq!(
             (server.weight, server.max_conns, server.max_fails),
@@ -456,6 +464,26 @@ address = "127.0.0.1:7001"
             assert!(err.message.contains("slow_start"), "{err}");
             assert!(err.message.contains(balance), "{err}");
         }
+    }
+
+    #[test]
+    fn proxy_protocol_versions() {
+        let with = |extra: &str| {
+            parse(&MINIMAL.replace("upstream = \"u\"", &format!("upstream = \"u\"\n{extra}")))
+        };
+        for (text, version) in [
+            ("off", ProxyProtocol::Off),
+            ("v1", ProxyProtocol::V1),
+            ("v2", ProxyProtocol::V2),
+        ] {
+            let config = with(&format!("proxy_protocol = \"{text}\"")).unwrap();
+            assert_eq!(config.listeners[0].proxy_protocol, version);
+        }
+        let err = with("proxy_protocol = \"v3\"").unwrap_err();
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("v3"), "{err}");
+        let config = with("accept_proxy_protocol = true").unwrap();
+        assert!(config.listeners[0].accept_proxy_protocol);
     }
 
     #[test]

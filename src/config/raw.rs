@@ -36,6 +36,10 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::zero")]
     pub next_upstream_timeout: DurationValue,
     pub unix_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +119,16 @@ impl<'de> Deserialize<'de> for Balance {
             _ => return Err(de::Error::unknown_variant(&text, METHODS)),
         })
     }
+}
+
+/// Whether a listener sends a PROXY protocol header to the upstream, and which version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
 }
 
 /// What `balance = "hash"` hashes.

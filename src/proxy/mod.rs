@@ -2,6 +2,7 @@
 //! retries, relay until done.
 
 pub mod listener;
+pub mod proxy_header;
 pub mod relay;
 pub mod stream;
 
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -18,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
 use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
+use proxy_header::Origin;
 use relay::{relay, RelayEnd};
 use stream::Stream;
 
@@ -78,6 +81,22 @@ pub async fn serve_connection(
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
+    let local_addr = match &client {
+        Stream::Tcp(stream) => stream.local_addr().ok(),
+        Stream::Unix(_) => None,
+    };
+    let mut origin = Origin::of_connection(client_addr, local_addr);
+    if context.config.accept_proxy_protocol {
+        match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
+            Ok(carried) => origin = carried,
+            Err(reason) => {
+                warn!(listener, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                return;
+            }
+        }
+    }
+    // From here on the client is who the PROXY header says it is.
+    let client_addr = origin.client;
     let (lease, mut upstream_stream) = match connect_upstream(&context.config, &group, client_addr)
         .await
     {
@@ -89,6 +108,13 @@ pub async fn serve_connection(
         }
     };
     let peer = lease.peer().label.as_str();
+    let header = origin.header(context.config.proxy_protocol);
+    if !header.is_empty() {
+        if let Err(err) = upstream_stream.write_all(&header).await {
+            warn!(listener, upstream, peer, client = %client_addr, reason = %err, "connection closed on error: cannot send the PROXY header");
+            return;
+        }
+    }
     let outcome = relay(
         &mut client,
         &mut upstream_stream,
