@@ -101,6 +101,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         bound.push((socket, context));
     }
 
+    let mut upstream_tasks = Vec::new();
+    for upstream in config.upstreams.values() {
+        upstream_tasks.extend(crate::upstream_task::start(
+            upstream,
+            &upstreams[&upstream.name],
+        ));
+    }
+
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let accept_loops = TaskTracker::new();
@@ -124,6 +132,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
     // Stop accepting at once, then give open connections shutdown_timeout.
     stop.cancel();
+    for task in upstream_tasks {
+        task.stop().await;
+    }
     accept_loops.wait().await;
     connections.close();
     info!(open_connections = connections.len(), timeout = %humantime::format_duration(config.shutdown_timeout), "draining");

@@ -68,6 +68,7 @@ pub fn algorithm_for(balance: &Balance, peers: &[RingMember<'_>]) -> Box<dyn Alg
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerState {
     Up,
+    /// Marked failed by `max_fails`, or unhealthy by active health checks.
     Failed,
     Down,
 }
@@ -86,6 +87,17 @@ struct Health {
     probing: bool,
     /// When the peer last recovered from failure, for slow start.
     recovered_at: Option<Instant>,
+    /// Active health checks found the peer unhealthy.
+    unhealthy: bool,
+    /// Consecutive failed (or, while unhealthy, passed) health checks.
+    check_streak: u32,
+}
+
+/// A change of a peer's health-check state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckTransition {
+    BecameUnhealthy,
+    BecameHealthy,
 }
 
 /// One peer's live state: active connections and failure accounting. It is
@@ -139,6 +151,44 @@ impl PeerHealth {
 
     pub fn active(&self) -> u32 {
         self.lock().active
+    }
+
+    /// Whether active health checks have taken the peer out of rotation.
+    /// `/status` and `sluice_upstream_server_up` show such a peer as not up:
+    /// [`Selector::state`] reports it as [`PeerState::Failed`].
+    pub fn is_unhealthy(&self) -> bool {
+        self.lock().unhealthy
+    }
+
+    /// Records one health check's result: `fails` consecutive failures make
+    /// a healthy peer unhealthy, `passes` consecutive passes bring an
+    /// unhealthy one back (and start its slow start).
+    pub fn check_result(
+        &self,
+        passed: bool,
+        fails: u32,
+        passes: u32,
+        now: Instant,
+    ) -> Option<CheckTransition> {
+        let mut health = self.lock();
+        // The streak counts results that point away from the current state.
+        if passed == health.unhealthy {
+            health.check_streak = health.check_streak.saturating_add(1);
+        } else {
+            health.check_streak = 0;
+        }
+        if health.unhealthy && health.check_streak >= passes {
+            health.unhealthy = false;
+            health.check_streak = 0;
+            health.recovered_at = Some(now);
+            Some(CheckTransition::BecameHealthy)
+        } else if !health.unhealthy && health.check_streak >= fails {
+            health.unhealthy = true;
+            health.check_streak = 0;
+            Some(CheckTransition::BecameUnhealthy)
+        } else {
+            None
+        }
     }
 
     /// When the peer last recovered (a successful probe after being marked
@@ -266,13 +316,15 @@ impl Selector {
         let params = &self.params[index];
         let health = &self.health[index];
         let full = params.max_conns > 0 && health.active() >= params.max_conns;
-        !(params.down || full || health.is_failed(params, now))
+        !(params.down || full || health.is_unhealthy() || health.is_failed(params, now))
     }
 
     pub fn state(&self, index: usize, now: Instant) -> PeerState {
         if self.params[index].down {
             PeerState::Down
-        } else if self.health[index].is_failed(&self.params[index], now) {
+        } else if self.health[index].is_unhealthy()
+            || self.health[index].is_failed(&self.params[index], now)
+        {
             PeerState::Failed
         } else {
             PeerState::Up
@@ -655,5 +707,50 @@ mod slow_start_tests {
     fn a_peer_never_failed_has_its_full_weight_at_once() {
         let mut selector = selector(Balance::RoundRobin, vec![slow(10), params(1)]);
         assert_eq!(count_picks(&mut selector, Instant::now(), 10), 5);
+    }
+}
+
+#[cfg(test)]
+mod health_check_tests {
+    use super::tests::params;
+    use super::*;
+
+    #[test]
+    fn fails_in_a_row_make_a_peer_unhealthy_and_passes_bring_it_back() {
+        let health = Arc::new(PeerHealth::default());
+        let mut selector = Selector::new(
+            vec![params(1), params(1)],
+            vec![Arc::clone(&health), Arc::default()],
+            Box::new(RoundRobin::new(2)),
+        );
+        let now = Instant::now();
+        // A pass resets the failure streak: 2 fails, a pass, 2 fails is no mark.
+        for passed in [false, false, true, false, false] {
+            assert_eq!(health.check_result(passed, 3, 2, now), None);
+        }
+        assert_eq!(
+            health.check_result(false, 3, 2, now),
+            Some(CheckTransition::BecameUnhealthy)
+        );
+        assert!(health.is_unhealthy());
+        assert_eq!(selector.state(0, now), PeerState::Failed);
+        for _ in 0..4 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            assert_eq!(index, 1);
+            selector.health(index).released();
+        }
+        // Further failures change nothing; a pass then a failure restarts the count.
+        for passed in [false, true, false, true] {
+            assert_eq!(health.check_result(passed, 3, 2, now), None);
+        }
+        let later = now + Duration::from_secs(1);
+        assert_eq!(
+            health.check_result(true, 3, 2, later),
+            Some(CheckTransition::BecameHealthy)
+        );
+        assert!(!health.is_unhealthy());
+        assert_eq!(health.recovered_at(), Some(later));
+        assert_eq!(selector.state(0, later), PeerState::Up);
+        assert_eq!(selector.select(later, &Tried::default(), b""), Some(0));
     }
 }

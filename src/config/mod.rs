@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use address::Address;
 pub use raw::{Balance, HashKey, ProxyProtocol};
 
-use raw::{RawConfig, RawListener, RawServer, RawUpstream};
+use raw::{RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 use toml::Spanned;
 
 /// A validated configuration.
@@ -48,6 +48,24 @@ pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<ServerConfig>,
+    /// `None`: no active health checks.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `[upstream.NAME.health_check]`: active checks of every peer of the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub interval: Duration,
+    /// For the whole check: connect, send, and the expected reply.
+    pub timeout: Duration,
+    /// Consecutive failed checks that make a peer unhealthy.
+    pub fails: u32,
+    /// Consecutive passed checks that make an unhealthy peer healthy again.
+    pub passes: u32,
+    /// Bytes written after connecting; `None`: a check is a connect.
+    pub send: Option<Vec<u8>>,
+    /// The reply must start with these bytes.
+    pub expect: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -275,10 +293,56 @@ impl Source<'_> {
         for server in raw.server {
             servers.push(self.validate_server(upstream, &balance, server)?);
         }
+        let health_check = raw
+            .health_check
+            .map(|check| self.validate_health_check(upstream, check))
+            .transpose()?;
         Ok(UpstreamConfig {
             name: upstream.clone(),
             balance,
             servers,
+            health_check,
+        })
+    }
+
+    fn validate_health_check(
+        &self,
+        upstream: &str,
+        raw: RawHealthCheck,
+    ) -> Result<HealthCheckConfig, ConfigError> {
+        for (key, value) in [("interval", &raw.interval), ("timeout", &raw.timeout)] {
+            if value.get_ref().0.is_zero() {
+                return Err(self.error_at(
+                    value,
+                    format!(
+                        "upstream {upstream:?}: health_check key `{key}` must be greater than 0"
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [("fails", &raw.fails), ("passes", &raw.passes)] {
+            if *value.get_ref() == 0 {
+                return Err(self.error_at(
+                    value,
+                    format!("upstream {upstream:?}: health_check key `{key}` must be at least 1"),
+                ));
+            }
+        }
+        if let Some(expect) = &raw.expect {
+            if expect.get_ref().is_empty() {
+                return Err(self.error_at(
+                    expect,
+                    format!("upstream {upstream:?}: health_check key `expect` is empty"),
+                ));
+            }
+        }
+        Ok(HealthCheckConfig {
+            interval: raw.interval.into_inner().0,
+            timeout: raw.timeout.into_inner().0,
+            fails: raw.fails.into_inner(),
+            passes: raw.passes.into_inner(),
+            send: raw.send.map(String::into_bytes),
+            expect: raw.expect.map(|expect| expect.into_inner().into_bytes()),
         })
     }
 
@@ -484,6 +548,47 @@ address = "127.0.0.1:7001"
         assert!(err.message.contains("v3"), "{err}");
         let config = with("accept_proxy_protocol = true").unwrap();
         assert!(config.listeners[0].accept_proxy_protocol);
+    }
+
+    #[test]
+    fn health_check_defaults_and_limits() {
+        assert_eq!(parse(MINIMAL).unwrap().upstreams["u"].health_check, None);
+        let with = |body: &str| parse(&format!("{MINIMAL}\n[upstream.u.health_check]\n{body}"));
+        let check = with("").unwrap().upstreams["u"]
+            .health_check
+            .clone()
+            .unwrap();
+        assert_eq!(
+            check,
+            HealthCheckConfig {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(1),
+                fails: 3,
+                passes: 2,
+                send: None,
+                expect: None,
+            }
+        );
+        let check = with("send = \"version\\r\\n\"\nexpect = \"VERSION\"")
+            .unwrap()
+            .upstreams["u"]
+            .health_check
+            .clone()
+            .unwrap();
+        assert_eq!(check.send.as_deref(), Some(&b"version\r\n"[..]));
+        assert_eq!(check.expect.as_deref(), Some(&b"VERSION"[..]));
+        for (body, key) in [
+            ("interval = \"0s\"", "interval"),
+            ("timeout = \"0s\"", "timeout"),
+            ("fails = 0", "fails"),
+            ("passes = 0", "passes"),
+            ("expect = \"\"", "expect"),
+            ("port = 1", "port"),
+        ] {
+            let err = with(body).unwrap_err();
+            assert_eq!(err.line, Some(12), "{err}");
+            assert!(err.message.contains(key), "{err}");
+        }
     }
 
     #[test]

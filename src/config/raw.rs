@@ -50,6 +50,22 @@ pub(super) struct RawUpstream {
     pub hash_key: Option<Spanned<HashKey>>,
     #[serde(default)]
     pub server: Vec<RawServer>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    #[serde(default = "defaults::check_interval")]
+    pub interval: Spanned<DurationValue>,
+    #[serde(default = "defaults::check_timeout")]
+    pub timeout: Spanned<DurationValue>,
+    #[serde(default = "defaults::check_fails")]
+    pub fails: Spanned<u32>,
+    #[serde(default = "defaults::check_passes")]
+    pub passes: Spanned<u32>,
+    pub send: Option<String>,
+    pub expect: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +201,18 @@ mod defaults {
     }
     pub fn fail_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(10))
+    }
+    pub fn check_interval() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(5)))
+    }
+    pub fn check_timeout() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(1)))
+    }
+    pub fn check_fails() -> Spanned<u32> {
+        spanned(3)
+    }
+    pub fn check_passes() -> Spanned<u32> {
+        spanned(2)
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)

@@ -181,7 +181,8 @@ async fn connect_upstream(
     }
 }
 
-async fn connect(target: &PeerTarget) -> io::Result<Stream> {
+/// Opens a connection to a peer; the health checks connect the same way.
+pub(crate) async fn connect(target: &PeerTarget) -> io::Result<Stream> {
     match target {
         PeerTarget::Tcp(addr) => {
             let stream = TcpStream::connect(addr).await?;
