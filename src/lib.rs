@@ -7,6 +7,7 @@ pub mod fluentbit;
 pub mod health_check;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod resolver;
 pub mod server;
 pub mod tls;
 pub mod upstream;

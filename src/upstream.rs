@@ -65,17 +65,41 @@ impl Upstream {
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
     ) -> Result<Upstream, String> {
-        let mut peers = Vec::new();
+        let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
-            let targets = resolve_address(&server.address).await.map_err(|err| {
+            let resolved = if server.resolve {
+                crate::resolver::lookup(&server.address, &config.resolver)
+                    .await
+                    .map(|resolution| resolution.targets)
+            } else {
+                resolve_address(&server.address)
+                    .await
+                    .map_err(|err| err.to_string())
+            };
+            targets.push(resolved.map_err(|err| {
                 format!(
                     "upstream {:?}: cannot resolve server address {}: {err}",
                     config.name, server.address
                 )
-            })?;
-            let several = targets.len() > 1;
+            })?);
+        }
+        Ok(Upstream::assemble(config, targets, previous))
+    }
+
+    /// Builds the group from each server's targets (`targets[i]` for
+    /// `config.servers[i]`), reusing the health of peers also in `previous`.
+    pub fn assemble(
+        config: &UpstreamConfig,
+        targets: Vec<Vec<PeerTarget>>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
+        let mut peers = Vec::new();
+        for (server, targets) in config.servers.iter().zip(targets) {
+            // A re-resolved name always labels its peers by address, so a
+            // peer keeps its label (and metrics) as the set grows and shrinks.
+            let by_address = targets.len() > 1 || server.resolve;
             for target in targets {
-                let label = if several {
+                let label = if by_address {
                     format!("{}@{target}", server.label())
                 } else {
                     server.label()
@@ -97,7 +121,18 @@ impl Upstream {
         Upstream::new(config.name.clone(), config.balance.clone(), peers)
     }
 
-    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Result<Upstream, String> {
+    /// The targets this build has for `server`, in order.
+    pub fn targets_of(&self, server: &ServerConfig) -> Vec<PeerTarget> {
+        let mut targets: Vec<PeerTarget> = Vec::new();
+        for peer in self.peers.iter().filter(|peer| peer.server == *server) {
+            if !targets.contains(&peer.target) {
+                targets.push(peer.target.clone());
+            }
+        }
+        targets
+    }
+
+    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Upstream {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
         // A peer's place on a hash ring follows its address, so it keeps its
@@ -112,12 +147,12 @@ impl Upstream {
             })
             .collect();
         let algorithm = algorithm_for(&balance, &members);
-        Ok(Upstream {
+        Upstream {
             name,
             balance,
             peers,
             selector: Mutex::new(Selector::new(params, health, algorithm)),
-        })
+        }
     }
 
     /// The selector; the lock is held only for a pick, never across I/O.

@@ -46,5 +46,6 @@ pub fn start(config: &UpstreamConfig, shared: &SharedUpstream) -> Vec<UpstreamTa
             std::sync::Arc::clone(shared),
         ));
     }
+    tasks.extend(crate::resolver::start(config, shared));
     tasks
 }

@@ -6,6 +6,7 @@ mod raw;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct UpstreamConfig {
     pub servers: Vec<ServerConfig>,
     /// `None`: no active health checks.
     pub health_check: Option<HealthCheckConfig>,
+    /// Name servers for `resolve = true` servers; empty: the system's (`/etc/resolv.conf`).
+    pub resolver: Vec<SocketAddr>,
 }
 
 /// `[upstream.NAME.health_check]`: active checks of every peer of the group.
@@ -82,6 +85,10 @@ pub struct ServerConfig {
     pub down: bool,
     /// Zero: no slow start.
     pub slow_start: Duration,
+    /// Re-resolve the host name while running.
+    pub resolve: bool,
+    /// How often at most; a shorter record TTL re-resolves sooner.
+    pub resolve_interval: Duration,
 }
 
 impl ServerConfig {
@@ -293,6 +300,20 @@ impl Source<'_> {
         for server in raw.server {
             servers.push(self.validate_server(upstream, &balance, server)?);
         }
+        let mut resolver = Vec::new();
+        for entry in raw.resolver.iter().flatten() {
+            let text = entry.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    self.error_at(
+                        entry,
+                        format!("upstream {upstream:?}: key `resolver`: {text:?} is not IP, IP:PORT or [IPv6]:PORT"),
+                    )
+                })?;
+            resolver.push(addr);
+        }
         let health_check = raw
             .health_check
             .map(|check| self.validate_health_check(upstream, check))
@@ -302,6 +323,7 @@ impl Source<'_> {
             balance,
             servers,
             health_check,
+            resolver,
         })
     }
 
@@ -376,6 +398,18 @@ impl Source<'_> {
                 ),
             ));
         }
+        if *raw.resolve.get_ref() && matches!(raw.address, Address::Unix(_)) {
+            return Err(self.error_at(
+                &raw.resolve,
+                format!("upstream {upstream:?}: key `resolve` needs a HOST:PORT address"),
+            ));
+        }
+        if raw.resolve_interval.get_ref().0.is_zero() {
+            return Err(self.error_at(
+                &raw.resolve_interval,
+                format!("upstream {upstream:?}: key `resolve_interval` must be greater than 0"),
+            ));
+        }
         if let Some(name) = &raw.name {
             if name.get_ref().is_empty() {
                 return Err(
@@ -393,6 +427,8 @@ impl Source<'_> {
             backup: raw.backup.into_inner(),
             down: raw.down,
             slow_start: raw.slow_start.into_inner().0,
+            resolve: raw.resolve.into_inner(),
+            resolve_interval: raw.resolve_interval.into_inner().0,
         })
     }
 }
@@ -445,6 +481,9 @@ address = "127.0.0.1:7001"
         assert_eq!(server.fail_timeout, Duration::from_secs(10));
         assert!(!server.backup && !server.down);
         assert_eq!(server.slow_start, Duration::ZERO);
+        assert!(!server.resolve);
+        assert_eq!(server.resolve_interval, Duration::from_secs(5));
+        assert!(config.upstreams["u"].resolver.is_empty());
         assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
     }
 
@@ -589,6 +628,39 @@ address = "127.0.0.1:7001"
             assert_eq!(err.line, Some(12), "{err}");
             assert!(err.message.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn resolve_keys() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nresolver = [\"127.0.0.1:5353\", \"10.0.0.10\", \"[::1]:53\"]",
+        ) + "resolve = true\nresolve_interval = \"1m\"\n";
+        let config = parse(&text).unwrap();
+        let upstream = &config.upstreams["u"];
+        assert_eq!(
+            upstream.resolver,
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.10:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert!(upstream.servers[0].resolve);
+        assert_eq!(
+            upstream.servers[0].resolve_interval,
+            Duration::from_secs(60)
+        );
+
+        let err =
+            error_of(&MINIMAL.replace("[upstream.u]", "[upstream.u]\nresolver = [\"dns.local\"]"));
+        assert_eq!(err.line, Some(8), "{err}");
+        assert!(err.message.contains("resolver"), "{err}");
+        let err =
+            error_of(&(MINIMAL.replace("127.0.0.1:7001", "unix:/tmp/u.sock") + "resolve = true\n"));
+        assert!(err.message.contains("resolve"), "{err}");
+        let err = error_of(&(MINIMAL.to_owned() + "resolve_interval = \"0s\"\n"));
+        assert!(err.message.contains("resolve_interval"), "{err}");
     }
 
     #[test]

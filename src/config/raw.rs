@@ -51,6 +51,7 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub server: Vec<RawServer>,
     pub health_check: Option<RawHealthCheck>,
+    pub resolver: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +88,10 @@ pub(super) struct RawServer {
     pub down: bool,
     #[serde(default = "defaults::zero_spanned")]
     pub slow_start: Spanned<DurationValue>,
+    #[serde(default = "defaults::no")]
+    pub resolve: Spanned<bool>,
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: Spanned<DurationValue>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
@@ -213,6 +218,9 @@ mod defaults {
     }
     pub fn check_passes() -> Spanned<u32> {
         spanned(2)
+    }
+    pub fn resolve_interval() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(5)))
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)
