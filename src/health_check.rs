@@ -124,8 +124,9 @@ async fn exchange(peer: &Peer, config: &HealthCheckConfig) -> Result<(), String>
     Ok(())
 }
 
-/// Connects to the peer exactly as client connections do, so a check covers
-/// what they depend on. TLS origination, when a server has it, belongs here.
+/// Connects to the peer exactly as client connections do (TLS included, for
+/// servers with TLS), so a check covers what they depend on. No PROXY header:
+/// a check has no client to describe.
 async fn open(peer: &Peer) -> std::io::Result<Stream> {
-    crate::proxy::connect(&peer.target).await
+    crate::proxy::connect_peer(peer, &[]).await
 }

@@ -107,30 +107,27 @@ async fn run(config: UpstreamConfig, shared: SharedUpstream, stop: CancellationT
             round = resolve_round(&config, &current) => round,
         };
         wait = round.next;
-        let old: Vec<(&str, &PeerTarget)> = current
-            .peers
+        let unchanged = config
+            .servers
             .iter()
-            .map(|peer| (peer.label.as_str(), &peer.target))
-            .collect();
-        let rebuilt = Upstream::assemble(&config, round.targets, Some(&current));
-        let new: Vec<(&str, &PeerTarget)> = rebuilt
-            .peers
-            .iter()
-            .map(|peer| (peer.label.as_str(), &peer.target))
-            .collect();
-        if old == new {
+            .zip(&round.targets)
+            .all(|(server, targets)| current.targets_of(server) == *targets);
+        if unchanged {
             continue;
         }
-        let added: Vec<&str> = new
-            .iter()
-            .filter(|p| !old.contains(p))
-            .map(|p| p.0)
-            .collect();
-        let removed: Vec<&str> = old
-            .iter()
-            .filter(|p| !new.contains(p))
-            .map(|p| p.0)
-            .collect();
+        let rebuilt = match Upstream::assemble(&config, round.targets, Some(&current)) {
+            Ok(rebuilt) => rebuilt,
+            Err(reason) => {
+                warn!(upstream = config.name.as_str(), reason = %reason, "cannot rebuild the group after DNS re-resolution; keeping the last good addresses");
+                continue;
+            }
+        };
+        let labels = |group: &Upstream| -> Vec<String> {
+            group.peers.iter().map(|peer| peer.label.clone()).collect()
+        };
+        let (old, new) = (labels(&current), labels(&rebuilt));
+        let added: Vec<&String> = new.iter().filter(|label| !old.contains(label)).collect();
+        let removed: Vec<&String> = old.iter().filter(|label| !new.contains(label)).collect();
         info!(upstream = config.name.as_str(), added = ?added, removed = ?removed, peers = new.len(), "DNS re-resolution changed the peers");
         // Connections already open keep the build they started with.
         shared.store(Arc::new(rebuilt));

@@ -7,8 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerHealth, PeerParams, RingMember, Selector, Tried};
+use crate::balancer::{
+    algorithm_for, PeerHealth, PeerParams, PeerState, RingMember, Selector, Tried,
+};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+use crate::stats::{unavailable_counter, PeerStats};
+use crate::tls::{self, TlsOrigin};
 
 /// Where a peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +38,12 @@ pub struct Peer {
     pub label: String,
     pub target: PeerTarget,
     pub server: ServerConfig,
+    /// TLS towards this peer, loaded from its files once per build of the group.
+    pub tls: Option<TlsOrigin>,
     /// Shared with the same peer in earlier and later builds of the group.
     pub health: Arc<PeerHealth>,
+    /// Shared like `health`.
+    pub stats: Arc<PeerStats>,
 }
 
 impl Peer {
@@ -55,6 +63,7 @@ pub struct Upstream {
     pub balance: Balance,
     pub peers: Vec<Peer>,
     selector: Mutex<Selector>,
+    unavailable: metrics::Counter,
 }
 
 impl Upstream {
@@ -83,7 +92,7 @@ impl Upstream {
                 )
             })?);
         }
-        Ok(Upstream::assemble(config, targets, previous))
+        Upstream::assemble(config, targets, previous)
     }
 
     /// Builds the group from each server's targets (`targets[i]` for
@@ -92,9 +101,10 @@ impl Upstream {
         config: &UpstreamConfig,
         targets: Vec<Vec<PeerTarget>>,
         previous: Option<&Upstream>,
-    ) -> Upstream {
+    ) -> Result<Upstream, String> {
         let mut peers = Vec::new();
         for (server, targets) in config.servers.iter().zip(targets) {
+            let tls = server_tls(&config.name, server)?;
             // A re-resolved name always labels its peers by address, so a
             // peer keeps its label (and metrics) as the set grows and shrinks.
             let by_address = targets.len() > 1 || server.resolve;
@@ -105,20 +115,27 @@ impl Upstream {
                     server.label()
                 };
                 let mut peer = Peer {
+                    stats: Arc::new(PeerStats::new(&config.name, &label)),
                     label,
                     target,
                     server: server.clone(),
+                    tls: tls.clone(),
                     health: Arc::default(),
                 };
                 if let Some(old) =
                     previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
                 {
                     peer.health = Arc::clone(&old.health);
+                    peer.stats = Arc::clone(&old.stats);
                 }
                 peers.push(peer);
             }
         }
-        Upstream::new(config.name.clone(), config.balance.clone(), peers)
+        Ok(Upstream::new(
+            config.name.clone(),
+            config.balance.clone(),
+            peers,
+        ))
     }
 
     /// The targets this build has for `server`, in order.
@@ -148,6 +165,7 @@ impl Upstream {
             .collect();
         let algorithm = algorithm_for(&balance, &members);
         Upstream {
+            unavailable: unavailable_counter(&name),
             name,
             balance,
             peers,
@@ -169,9 +187,35 @@ impl Upstream {
         Some(Attempt {
             upstream: Arc::clone(self),
             index,
+            started: Instant::now(),
             settled: false,
         })
     }
+
+    /// Peer `index`'s state as of now.
+    pub fn peer_state(&self, index: usize) -> PeerState {
+        self.selector().state(index, Instant::now())
+    }
+
+    /// A client connection was closed because no peer could take it.
+    pub fn count_unavailable(&self) {
+        self.unavailable.increment(1);
+    }
+}
+
+/// Reads a server's TLS files; an error names the file (a configuration error).
+fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, String> {
+    let Some(settings) = &server.tls else {
+        return Ok(None);
+    };
+    // A unix: server always has `server_name` (the configuration requires it).
+    let host = server.address.host().unwrap_or_default();
+    tls::origin(settings, host).map(Some).map_err(|err| {
+        format!(
+            "upstream {upstream:?}: server {}: TLS: {err}",
+            server.label()
+        )
+    })
 }
 
 fn peer_params(server: &ServerConfig) -> PeerParams {
@@ -214,6 +258,7 @@ pub async fn resolve_address(address: &Address) -> std::io::Result<Vec<PeerTarge
 pub struct Attempt {
     upstream: Arc<Upstream>,
     index: usize,
+    started: Instant,
     settled: bool,
 }
 
@@ -222,16 +267,18 @@ impl Attempt {
         &self.upstream.peers[self.index]
     }
 
-    /// The attempt failed: counts towards max_fails.
-    pub fn failed(mut self) {
+    /// The attempt failed for `reason`: counts towards max_fails.
+    pub fn failed(mut self, reason: &str) {
         self.settled = true;
         self.peer().health.failed(Instant::now());
+        self.peer().stats.failed(reason);
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
     pub fn succeeded(mut self) -> Lease {
         self.settled = true;
         self.peer().health.succeeded();
+        self.peer().stats.connected(self.started.elapsed());
         Lease {
             upstream: Arc::clone(&self.upstream),
             index: self.index,
@@ -262,5 +309,6 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.peer().health.released();
+        self.peer().stats.closed();
     }
 }

@@ -2,6 +2,7 @@
 //! values that later checks talk about keep their source span.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -15,6 +16,7 @@ use super::Address;
 pub(super) struct RawConfig {
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: DurationValue,
+    pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub listener: Vec<RawListener>,
     #[serde(default)]
@@ -40,6 +42,36 @@ pub(super) struct RawListener {
     pub proxy_protocol: ProxyProtocol,
     #[serde(default)]
     pub accept_proxy_protocol: bool,
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+    pub tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub bind: Spanned<Address>,
+}
+
+/// `[listener.tls]`: TLS termination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `[upstream.NAME.tls]` and `[upstream.NAME.server.tls]`: TLS origination.
+/// Unset fields of a server's table take the group's value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientTls {
+    pub verify: Option<bool>,
+    pub server_name: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +80,8 @@ pub(super) struct RawUpstream {
     #[serde(default = "defaults::balance")]
     pub balance: Spanned<Balance>,
     pub hash_key: Option<Spanned<HashKey>>,
+    pub from_fluent_bit: Option<Spanned<PathBuf>>,
+    pub tls: Option<Spanned<RawClientTls>>,
     #[serde(default)]
     pub server: Vec<RawServer>,
     pub health_check: Option<RawHealthCheck>,
@@ -92,6 +126,7 @@ pub(super) struct RawServer {
     pub resolve: Spanned<bool>,
     #[serde(default = "defaults::resolve_interval")]
     pub resolve_interval: Spanned<DurationValue>,
+    pub tls: Option<Spanned<RawClientTls>>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
@@ -224,5 +259,8 @@ mod defaults {
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)
+    }
+    pub fn yes() -> bool {
+        true
     }
 }

@@ -9,26 +9,55 @@ pub mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
-use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
+use crate::stats::PeerStats;
+use crate::tls::{self, TlsOrigin};
+use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
-use relay::{relay, RelayEnd};
+use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
 use stream::Stream;
+
+/// How often a long connection's byte counts are added to the peer's
+/// counters; short connections report once, at close.
+const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
 pub struct ListenerContext {
     pub config: ListenerConfig,
     pub upstream: SharedUpstream,
+    /// TLS termination, loaded from the listener's files once per load.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl ListenerContext {
+    /// Builds the context, reading the listener's TLS files if it has any.
+    pub fn new(config: ListenerConfig, upstream: SharedUpstream) -> Result<Self, String> {
+        let tls = match &config.tls {
+            Some(settings) => Some(
+                tls::acceptor(settings)
+                    .map_err(|err| format!("listener {:?}: TLS: {err}", config.name))?,
+            ),
+            None => None,
+        };
+        Ok(ListenerContext {
+            config,
+            upstream,
+            tls,
+        })
+    }
 }
 
 /// A client's address: TCP clients have one; UNIX-socket clients usually do not.
@@ -78,50 +107,87 @@ pub async fn serve_connection(
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
+    let accepted = Instant::now();
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
+    // The PROXY header comes first on the connection, before any TLS.
     let local_addr = match &client {
         Stream::Tcp(stream) => stream.local_addr().ok(),
-        Stream::Unix(_) => None,
+        Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
     };
     let mut origin = Origin::of_connection(client_addr, local_addr);
     if context.config.accept_proxy_protocol {
         match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
             Ok(carried) => origin = carried,
             Err(reason) => {
-                warn!(listener, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                AccessRecord::new(
+                    context.config.access_log,
+                    listener,
+                    &client_addr,
+                    upstream,
+                    accepted,
+                )
+                .finish(None, 0, 0, Close::ClientError(&reason));
                 return;
             }
         }
     }
     // From here on the client is who the PROXY header says it is.
     let client_addr = origin.client;
-    let (lease, mut upstream_stream) = match connect_upstream(&context.config, &group, client_addr)
-        .await
+    let proxy_header = origin.header(context.config.proxy_protocol);
+    let mut access = AccessRecord::new(
+        context.config.access_log,
+        listener,
+        &client_addr,
+        upstream,
+        accepted,
+    );
+    if let Some(acceptor) = &context.tls {
+        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+            Ok(client) => client,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
+                access.finish(None, 0, 0, Close::ClientError(&reason));
+                return;
+            }
+        };
+    }
+    let (lease, mut upstream_stream) = match connect_upstream(
+        &context.config,
+        &group,
+        client_addr,
+        &proxy_header,
+        &mut access,
+    )
+    .await
     {
         Ok(connected) => connected,
         Err(reason) => {
             // Dropping the client closes it at once with nothing written.
+            group.count_unavailable();
             warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
+            access.finish(None, 0, 0, Close::NoPeer(&reason));
             return;
         }
     };
     let peer = lease.peer().label.as_str();
-    let header = origin.header(context.config.proxy_protocol);
-    if !header.is_empty() {
-        if let Err(err) = upstream_stream.write_all(&header).await {
-            warn!(listener, upstream, peer, client = %client_addr, reason = %err, "connection closed on error: cannot send the PROXY header");
-            return;
-        }
-    }
-    let outcome = relay(
+    let outcome = relay_reporting(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
+        &lease.peer().stats,
     )
     .await;
     let (sent, received) = (outcome.sent, outcome.received);
+    let close = match &outcome.end {
+        RelayEnd::Done => Close::Done,
+        RelayEnd::Idle => Close::Idle,
+        RelayEnd::Error(Side::Client, err) => Close::ClientError(err),
+        RelayEnd::Error(Side::Upstream, err) => Close::UpstreamError(err),
+    };
+    access.finish(Some(peer), sent, received, close);
     match outcome.end {
         RelayEnd::Done => {
             debug!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed")
@@ -135,11 +201,46 @@ pub async fn serve_connection(
     }
 }
 
+/// Relays, adding the bytes to the peer's counters every
+/// TRAFFIC_REPORT_INTERVAL and at the end.
+async fn relay_reporting(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    idle_timeout: Option<Duration>,
+    stats: &PeerStats,
+) -> RelayOutcome {
+    let traffic = Traffic::default();
+    let mut reported = (0, 0);
+    let mut report = |traffic: &Traffic| {
+        let sent = traffic.sent.load(Ordering::Relaxed);
+        let received = traffic.received.load(Ordering::Relaxed);
+        stats.relayed(sent - reported.0, received - reported.1);
+        reported = (sent, received);
+    };
+    let relay = relay(client, upstream, idle_timeout, &traffic);
+    tokio::pin!(relay);
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + TRAFFIC_REPORT_INTERVAL,
+        TRAFFIC_REPORT_INTERVAL,
+    );
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            outcome = &mut relay => break outcome,
+            _ = ticker.tick() => report(&traffic),
+        }
+    };
+    report(&traffic);
+    outcome
+}
+
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
 async fn connect_upstream(
     config: &ListenerConfig,
     group: &Arc<Upstream>,
     client_addr: ClientAddr,
+    proxy_header: &[u8],
+    access: &mut AccessRecord<'_>,
 ) -> Result<(Lease, Stream), Unavailable> {
     let started = Instant::now();
     let key = hash_key(&group.balance, client_addr);
@@ -161,14 +262,23 @@ async fn connect_upstream(
             .select(&mut tried, &key)
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
-        let reason = match tokio::time::timeout(timeout, connect(&attempt.peer().target)).await {
-            Ok(Ok(stream)) => return Ok((attempt.succeeded(), stream)),
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => format!(
-                "connect timed out after {}",
-                humantime::format_duration(timeout)
-            ),
-        };
+        // One timeout covers the connect and the TLS handshake.
+        let reason =
+            match tokio::time::timeout(timeout, connect_peer(attempt.peer(), proxy_header)).await {
+                Ok(Ok(stream)) => {
+                    access.tried(&attempt.peer().label, TryOutcome::Connected);
+                    return Ok((attempt.succeeded(), stream));
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) if attempt.peer().tls.is_some() => format!(
+                    "connect and TLS handshake timed out after {}",
+                    humantime::format_duration(timeout)
+                ),
+                Err(_) => format!(
+                    "connect timed out after {}",
+                    humantime::format_duration(timeout)
+                ),
+            };
         warn!(
             listener = config.name.as_str(),
             upstream = group.name.as_str(),
@@ -177,12 +287,54 @@ async fn connect_upstream(
             reason = %reason,
             "upstream connect attempt failed"
         );
-        attempt.failed();
+        access.tried(&attempt.peer().label, TryOutcome::Failed(reason.clone()));
+        attempt.failed(&reason);
     }
 }
 
-/// Opens a connection to a peer; the health checks connect the same way.
-pub(crate) async fn connect(target: &PeerTarget) -> io::Result<Stream> {
+/// Connects to the peer, sends `proxy_header` (if not empty) in the clear,
+/// and, if the peer speaks TLS, completes the handshake. Health checks
+/// connect the same way.
+pub(crate) async fn connect_peer(peer: &Peer, proxy_header: &[u8]) -> io::Result<Stream> {
+    let mut stream = connect(&peer.target).await?;
+    if !proxy_header.is_empty() {
+        stream.write_all(proxy_header).await.map_err(|err| {
+            io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
+        })?;
+    }
+    match &peer.tls {
+        Some(tls) => originate_tls(tls, stream).await,
+        None => Ok(stream),
+    }
+}
+
+async fn originate_tls(tls: &TlsOrigin, stream: Stream) -> io::Result<Stream> {
+    match tls.connector.connect(tls.server_name.clone(), stream).await {
+        Ok(stream) => Ok(Stream::TlsToPeer(Box::new(stream))),
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!("TLS handshake failed: {err}"),
+        )),
+    }
+}
+
+/// The client's TLS handshake, within the listener's connect_timeout.
+async fn terminate_tls(
+    acceptor: &TlsAcceptor,
+    client: Stream,
+    timeout: Duration,
+) -> Result<Stream, String> {
+    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+        Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!(
+            "no TLS handshake within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+async fn connect(target: &PeerTarget) -> io::Result<Stream> {
     match target {
         PeerTarget::Tcp(addr) => {
             let stream = TcpStream::connect(addr).await?;
