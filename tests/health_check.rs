@@ -1,13 +1,19 @@
 //! Active health checks through the real binary, against real memcached and
 //! in-process backends.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
+#[path = "common/tls_backend.rs"]
+mod tls_backend;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tls_backend::{server_settings, TlsBackend};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// A memcached process on 127.0.0.1 (TCP only); killed when dropped.
@@ -238,4 +244,163 @@ async fn a_wrong_reply_or_a_refused_connect_makes_a_peer_unhealthy() {
     assert_eq!(count_from(&sluice, 0, &["peer-b", "health check"]), 0);
     a.finish().await;
     b.finish().await;
+}
+
+/// GETs `path` from the admin endpoint; returns the body.
+async fn admin_get(admin: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The peer's `/status` state and its `sluice_upstream_server_up` value.
+async fn peer_state(admin: &str, peer: &str) -> (String, String) {
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+    let state = status["upstreams"]["pool"]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == peer)
+        .unwrap_or_else(|| panic!("no peer {peer}: {status:#}"))["state"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let metrics = admin_get(admin, "/metrics").await;
+    let series = format!("sluice_upstream_server_up{{upstream=\"pool\",server=\"{peer}\"}} ");
+    let up = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .to_owned();
+    (state, up)
+}
+
+async fn wait_for_state(admin: &str, peer: &str, expected: (&str, &str)) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = peer_state(admin, peer).await;
+        if (got.0.as_str(), got.1.as_str()) == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{peer} stayed {got:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_peer_is_failed_in_status_and_down_in_metrics() {
+    let a = Backend::tcp("a", Behavior::Announce).await;
+    let later = free_addr();
+    let listen = free_addr();
+    let admin = free_addr();
+    let mut text = config(
+        &listen,
+        "",
+        "",
+        &[
+            server(a.addr, "name = \"peer-a\""),
+            server(&later, "name = \"peer-later\""),
+        ],
+    );
+    text.push_str("\n[upstream.pool.health_check]\ninterval = \"50ms\"\ntimeout = \"500ms\"\nfails = 1\npasses = 1\n");
+    text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
+    let sluice = Sluice::start(&text).await;
+    // No client has touched peer-later: only the checks mark it.
+    wait_for_state(&admin, "peer-later", ("failed", "0")).await;
+    assert_eq!(
+        peer_state(&admin, "peer-a").await,
+        ("up".to_owned(), "1".to_owned())
+    );
+    assert_eq!(count_from(&sluice, 0, &["connect attempt failed"]), 0);
+    let b = Backend::tcp_on(&later, "b", Behavior::Announce).await;
+    wait_for_state(&admin, "peer-later", ("up", "1")).await;
+    let order = [announced(&listen, 1).await, announced(&listen, 1).await];
+    assert!(order.contains(&"b".to_owned()), "{order:?}");
+    a.finish().await;
+    b.finish().await;
+}
+
+fn toml_path(key: &str, path: &Path) -> String {
+    format!("{key} = {:?}\n", path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_speak_tls_to_tls_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::generate_pki(dir.path());
+    let trusted = TlsBackend::start(
+        "t",
+        server_settings(&pki.server.cert, &pki.server.key),
+        Behavior::Announce,
+    )
+    .await;
+    let impostor = TlsBackend::start(
+        "t",
+        server_settings(&pki.impostor.cert, &pki.impostor.key),
+        Behavior::Announce,
+    )
+    .await;
+    let listen = free_addr();
+    let tls_table = format!(
+        "[upstream.pool.server.tls]\n{}",
+        toml_path("ca_file", &pki.ca)
+    );
+    let mut text = config(
+        &listen,
+        "",
+        "",
+        &[
+            server(
+                trusted.addr,
+                &format!("name = \"trusted\"\nmax_fails = 0\n{tls_table}"),
+            ),
+            server(
+                impostor.addr,
+                &format!("name = \"impostor\"\nmax_fails = 0\n{tls_table}"),
+            ),
+        ],
+    );
+    // The name arrives only inside TLS: a plain check would never see it.
+    text.push_str("\n[upstream.pool.health_check]\ninterval = \"50ms\"\ntimeout = \"1s\"\nfails = 1\nexpect = \"t\"\n");
+    let sluice = Sluice::start(&text).await;
+    assert!(
+        sluice
+            .wait_for_log("health check: peer is unhealthy", Duration::from_secs(5))
+            .await
+    );
+    // Let a few more rounds pass: the trusted server keeps passing.
+    let handshakes = trusted.handshakes();
+    assert!(
+        wait_until(Duration::from_secs(5), || trusted.handshakes()
+            >= handshakes + 3)
+        .await
+    );
+    let log = sluice.log_text();
+    assert_eq!(
+        count_from(&sluice, 0, &["peer is unhealthy", "impostor"]),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        count_from(&sluice, 0, &["health check", "trusted"]),
+        0,
+        "{log}"
+    );
+    assert!(impostor.failed_handshakes() >= 1);
+    trusted.finish().await;
+    impostor.finish().await;
 }

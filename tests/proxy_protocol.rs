@@ -1,15 +1,20 @@
 //! PROXY protocol through the real binary: headers as an echo backend
 //! receives them, byte for byte, and headers read from clients.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
+#[path = "common/tls_backend.rs"]
+mod tls_backend;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use sluice::tls;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixStream};
 
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// The example header of the PROXY protocol specification (section 2.1).
@@ -296,4 +301,96 @@ async fn the_carried_address_is_the_hash_key_and_is_logged() {
     for backend in backends {
         backend.finish().await;
     }
+}
+
+fn toml_path(key: &str, path: &Path) -> String {
+    format!("{key} = {:?}\n", path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_goes_in_the_clear_before_the_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::generate_pki(dir.path());
+    // A TLS backend behind a PROXY-protocol receiver: it reads the header
+    // from the raw connection, then accepts TLS and answers with the header.
+    let acceptor = tls::acceptor(&tls_backend::server_settings(
+        &pki.server.cert,
+        &pki.server.key,
+    ))
+    .unwrap();
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let listen = free_addr();
+    let served = tokio::spawn(async move {
+        let (mut raw, _) = backend.accept().await.unwrap();
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
+            line.push(raw.read_u8().await.unwrap());
+        }
+        let mut tls = acceptor.accept(raw).await.unwrap();
+        tls.write_all(&line).await.unwrap();
+        tls.shutdown().await.unwrap();
+    });
+    let _sluice = Sluice::start(&config(
+        &listen,
+        "proxy_protocol = \"v1\"",
+        "",
+        &[server(
+            backend_addr,
+            &format!(
+                "[upstream.pool.server.tls]\n{}",
+                toml_path("ca_file", &pki.ca)
+            ),
+        )],
+    ))
+    .await;
+    let mut client = TcpStream::connect(&listen).await.unwrap();
+    let local = client.local_addr().unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    let expected = format!(
+        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+        local.port(),
+        listen.rsplit(':').next().unwrap()
+    );
+    assert_eq!(String::from_utf8_lossy(&back), expected);
+    served.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_reads_the_header_before_the_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::generate_pki(dir.path());
+    let echo = Backend::tcp("e", Behavior::Echo).await;
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(
+        &listen,
+        &format!(
+            "accept_proxy_protocol = true\nproxy_protocol = \"v2\"\n[listener.tls]\n{}{}",
+            toml_path("cert_file", &pki.server.cert),
+            toml_path("key_file", &pki.server.key)
+        ),
+        "",
+        &[server(echo.addr, "")],
+    ))
+    .await;
+    let mut tcp = TcpStream::connect(&listen).await.unwrap();
+    tcp.write_all(SPEC_V1).await.unwrap();
+    let settings = tls::ClientTlsSettings {
+        ca_file: Some(pki.ca.clone()),
+        ..tls::ClientTlsSettings::default()
+    };
+    let origin = tls::origin(&settings, "backend.test").unwrap();
+    let client = origin
+        .connector
+        .connect(origin.server_name, tcp)
+        .await
+        .unwrap();
+    // The carried addresses go on to the backend as v2; the payload follows.
+    let back = exchange(client, b"inside tls").await;
+    assert_eq!(back, concat(&[&spec_v2(), b"inside tls"]));
+    echo.finish().await;
 }
