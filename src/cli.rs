@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
@@ -10,6 +11,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{AdminConfig, Config};
+use crate::config_watch::ConfigWatch;
 use crate::server::{self, StartError};
 
 #[derive(Debug, Parser)]
@@ -38,6 +40,9 @@ pub struct Cli {
     /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Read the configuration file this often, such as `10s`, and reload when its content changes (default: off).
+    #[arg(long, env = "SLUICE_WATCH_CONFIG", value_name = "INTERVAL")]
+    pub watch_config: Option<String>,
     /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
@@ -75,6 +80,16 @@ pub fn main() -> ExitCode {
     }
     // The file that configuration errors found after parsing are about.
     let source = cli.fluent_bit.as_ref().unwrap_or(&cli.config).clone();
+    let watch = match watch_interval(cli.watch_config.as_deref()) {
+        Ok(interval) => interval.map(|interval| ConfigWatch {
+            path: source.clone(),
+            interval,
+        }),
+        Err(err) => {
+            eprintln!("sluice: invalid --watch-config: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let loaded = match (&cli.fluent_bit, &cli.bind) {
         (Some(file), Some(bind)) => Config::from_fluent_bit(file, bind),
         _ => Config::load(&cli.config),
@@ -109,7 +124,7 @@ pub fn main() -> ExitCode {
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config))
+        runtime.block_on(server::run(config, watch))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();
@@ -127,6 +142,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+/// `None` when the watch is off: no flag, or `0s`.
+fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let interval = humantime::parse_duration(value)
+        .map_err(|err| format!("invalid duration {value:?}: {err}"))?;
+    Ok((!interval.is_zero()).then_some(interval))
 }
 
 /// `--admin ADDR` sets or overrides `[admin] bind`, however the configuration was built.

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod fluentbit;
 pub mod health_check;
 pub mod metrics;

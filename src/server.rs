@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, UpstreamConfig};
+use crate::config_watch::{self, ConfigWatch};
 use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::{accept_loop, bind, BindError};
 use crate::proxy::ListenerContext;
@@ -170,8 +171,9 @@ fn describe_client_tls(tls: &ClientTlsSettings) -> String {
     text
 }
 
-/// Binds every listener, serves until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// Binds every listener, serves until SIGTERM or SIGINT, then drains. With
+/// `watch`, a change of the configuration file's content raises SIGHUP.
+pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), StartError> {
     // Before the peers are built: they take their metric handles from it.
     let metrics = metrics::install()?;
     let upstreams = resolve_upstreams(&config).await?;
@@ -212,6 +214,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     accept_loops.close();
     admin.set_listening();
+    // Started after the SIGHUP handler is installed: it signals this process.
+    let config_watch = watch.map(config_watch::spawn);
 
     loop {
         tokio::select! {
@@ -220,6 +224,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = hangup.recv() => warn!("SIGHUP received: live reload is not available in this build; the configuration is unchanged"),
         }
     }
+    drop(config_watch);
 
     // Stop accepting at once, then give open connections shutdown_timeout.
     admin.set_draining();
