@@ -304,6 +304,11 @@ impl Lease {
     pub fn peer(&self) -> &Peer {
         &self.upstream.peers[self.index]
     }
+
+    /// The peer's position in the group build the lease came from.
+    pub fn index(&self) -> usize {
+        self.index
+    }
 }
 
 impl Drop for Lease {

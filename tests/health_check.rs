@@ -206,7 +206,7 @@ async fn memcached_that_stops_leaves_and_comes_back_without_a_client_noticing() 
 async fn a_wrong_reply_or_a_refused_connect_makes_a_peer_unhealthy() {
     let a = Backend::tcp("a", Behavior::Announce).await;
     let b = Backend::tcp("b", Behavior::Announce).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let listen = free_addr();
     let mut text = config(
         &listen,

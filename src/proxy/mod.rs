@@ -172,14 +172,18 @@ pub async fn serve_connection(
             return;
         }
     };
-    let peer = lease.peer().label.as_str();
+    // The lease came from `group`, so its index names the same peer there.
+    let peer = &group.peers[lease.index()];
     let outcome = relay_reporting(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
-        &lease.peer().stats,
+        &peer.stats,
     )
     .await;
+    // Free the peer before reporting, so whoever reads the report sees it free.
+    drop(lease);
+    let peer = peer.label.as_str();
     let (sent, received) = (outcome.sent, outcome.received);
     let close = match &outcome.end {
         RelayEnd::Done => Close::Done,
