@@ -3,6 +3,8 @@
 
 pub mod listener;
 pub mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod stream;
 
 use std::fmt;
@@ -18,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
 use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
-use relay::{relay, RelayEnd};
+use relay::{relay, RelayEnd, RelayOutcome};
 use stream::Stream;
 
 /// What a listener's connections need: its settings and its upstream group.
@@ -89,7 +91,7 @@ pub async fn serve_connection(
         }
     };
     let peer = lease.peer().label.as_str();
-    let outcome = relay(
+    let outcome = relay_streams(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
@@ -107,6 +109,20 @@ pub async fn serve_connection(
             warn!(listener, upstream, peer, client = %client_addr, sent, received, side = ?side, reason = %err, "connection closed on error")
         }
     }
+}
+
+/// Plaintext socket pairs are spliced inside the kernel on Linux; anything
+/// else (TLS, other systems) is copied through user-space buffers.
+async fn relay_streams(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    idle_timeout: Option<Duration>,
+) -> RelayOutcome {
+    #[cfg(target_os = "linux")]
+    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
+        return splice::relay(client, upstream, idle_timeout).await;
+    }
+    relay(client, upstream, idle_timeout).await
 }
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
