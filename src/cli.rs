@@ -3,11 +3,15 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
+use crate::config_watch::ConfigWatch;
 use crate::server::{self, StartError};
 
 #[derive(Debug, Parser)]
@@ -23,12 +27,25 @@ pub struct Cli {
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     pub check: bool,
+    /// Run one listener in front of the nodes of this Fluent Bit Upstream
+    /// file, round-robin, instead of reading a TOML configuration.
+    #[arg(long, value_name = "FILE", requires = "bind")]
+    pub fluent_bit: Option<PathBuf>,
+    /// With --fluent-bit: the listener's address (HOST:PORT, [IPv6]:PORT or unix:/path).
+    #[arg(long, value_name = "ADDR", requires = "fluent_bit")]
+    pub bind: Option<String>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter, such as `info` or `sluice=debug` (default: $RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Read the configuration file this often, such as `10s`, and reload when its content changes (default: off).
+    #[arg(long, env = "SLUICE_WATCH_CONFIG", value_name = "INTERVAL")]
+    pub watch_config: Option<String>,
+    /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,18 +58,53 @@ const EXIT_CONFIG: u8 = 1;
 const EXIT_START: u8 = 2;
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // Checked here, not by clap, so that $SLUICE_CONFIG in the environment
+    // does not count as a conflicting --config.
+    if cli.fluent_bit.is_some() && matches.value_source("config") == Some(ValueSource::CommandLine)
+    {
+        Cli::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "--fluent-bit and --config cannot be used together",
+            )
+            .exit();
+    }
     if let Err(err) = init_logging(cli.log_format, cli.log_level.as_deref()) {
         eprintln!("sluice: invalid --log-level: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let config = match Config::load(&cli.config) {
+    // The file that configuration errors found after parsing are about.
+    let source = cli.fluent_bit.as_ref().unwrap_or(&cli.config).clone();
+    let watch = match watch_interval(cli.watch_config.as_deref()) {
+        Ok(interval) => interval.map(|interval| ConfigWatch {
+            path: source.clone(),
+            interval,
+        }),
+        Err(err) => {
+            eprintln!("sluice: invalid --watch-config: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let loaded = match (&cli.fluent_bit, &cli.bind) {
+        (Some(file), Some(bind)) => Config::from_fluent_bit(file, bind),
+        _ => Config::load(&cli.config),
+    };
+    let mut config = match loaded {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: configuration error: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(err) = apply_admin_flag(&mut config, cli.admin.as_deref()) {
+        eprintln!("sluice: configuration error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,12 +118,13 @@ pub fn main() -> ExitCode {
     let result = if cli.check {
         runtime.block_on(async {
             let upstreams = server::resolve_upstreams(&config).await?;
+            server::listener_contexts(&config, &upstreams)?;
             print!("{}", server::summary(&config, &upstreams));
-            println!("configuration {} is valid", cli.config.display());
+            println!("configuration {} is valid", source.display());
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config))
+        runtime.block_on(server::run(config, watch))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();
@@ -80,7 +133,7 @@ pub fn main() -> ExitCode {
         Err(StartError::Config(message)) => {
             eprintln!(
                 "sluice: configuration error: {}: {message}",
-                cli.config.display()
+                source.display()
             );
             ExitCode::from(EXIT_CONFIG)
         }
@@ -89,6 +142,25 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_START)
         }
     }
+}
+
+/// `None` when the watch is off: no flag, or `0s`.
+fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let interval = humantime::parse_duration(value)
+        .map_err(|err| format!("invalid duration {value:?}: {err}"))?;
+    Ok((!interval.is_zero()).then_some(interval))
+}
+
+/// `--admin ADDR` sets or overrides `[admin] bind`, however the configuration was built.
+fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
+    if let Some(address) = flag {
+        let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
+        config.admin = Some(AdminConfig { bind });
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {

@@ -36,8 +36,12 @@ pub struct ClientTlsSettings {
     /// Name sent as SNI and checked against the certificate; `None` uses the
     /// host of the server's address.
     pub server_name: Option<String>,
-    /// PEM trust anchors; `None` uses the system's trust roots.
+    /// PEM trust anchors; when neither this nor `ca_path` is set, the
+    /// system's trust roots are used.
     pub ca_file: Option<PathBuf>,
+    /// A directory whose files hold PEM trust anchors (every certificate of
+    /// every regular file in it, symbolic links followed); adds to `ca_file`.
+    pub ca_path: Option<PathBuf>,
     /// Client certificate chain (PEM) for mutual TLS; needs `key_file`.
     pub cert_file: Option<PathBuf>,
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert_file`.
@@ -51,6 +55,7 @@ impl Default for ClientTlsSettings {
             verify: true,
             server_name: None,
             ca_file: None,
+            ca_path: None,
             cert_file: None,
             key_file: None,
         }
@@ -152,9 +157,18 @@ pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOri
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ProtocolVersions)?;
     let builder = if settings.verify {
-        let roots = match &settings.ca_file {
-            Some(ca_file) => load_roots(ca_file)?,
-            None => load_system_roots()?,
+        let roots = match (&settings.ca_file, &settings.ca_path) {
+            (None, None) => load_system_roots()?,
+            (ca_file, ca_path) => {
+                let mut roots = RootCertStore::empty();
+                if let Some(ca_file) = ca_file {
+                    add_roots(&mut roots, ca_file)?;
+                }
+                if let Some(ca_path) = ca_path {
+                    add_roots_from_directory(&mut roots, ca_path)?;
+                }
+                roots
+            }
         };
         builder.with_root_certificates(roots)
     } else {
@@ -249,6 +263,11 @@ fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
 /// a typo in one does not silently shrink the trusted set.
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
+    add_roots(&mut roots, path)?;
+    Ok(roots)
+}
+
+fn add_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
     for certificate in load_certificates(path)? {
         roots
             .add(certificate)
@@ -257,7 +276,40 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
                 source,
             })?;
     }
-    Ok(roots)
+    Ok(())
+}
+
+/// Trust anchors from every regular file of a directory (an OpenSSL-style
+/// CA directory, hash-named links included). Files holding no PEM
+/// certificate are skipped, as OpenSSL skips them; a directory yielding no
+/// certificate at all is an error.
+fn add_roots_from_directory(roots: &mut RootCertStore, dir: &Path) -> Result<(), TlsError> {
+    let read_error = |source| TlsError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let path = entry.map_err(read_error)?.path();
+        // `metadata` follows symbolic links, so hash-named links count.
+        if std::fs::metadata(&path).is_ok_and(|metadata| metadata.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let before = roots.len();
+    for path in files {
+        match add_roots(roots, &path) {
+            Ok(()) | Err(TlsError::NoCertificate { .. }) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    if roots.len() == before {
+        return Err(TlsError::NoCertificate {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// The platform's trust anchors. Individual unreadable entries are skipped
@@ -720,6 +772,47 @@ mod tests {
         let outcome = exchange(mutual_tls_acceptor(&pki), &origin).await;
         assert!(outcome.server.is_err());
         assert!(outcome.client.is_err());
+    }
+
+    #[tokio::test]
+    async fn ca_path_directory_trusts_the_certificates_in_it() {
+        let (dir, pki) = pki();
+        let cas = dir.path().join("cas");
+        std::fs::create_dir(&cas).expect("CA directory");
+        std::fs::copy(&pki.ca, cas.join("ca.pem")).expect("copy CA");
+        std::fs::write(cas.join("README"), "not a certificate").expect("write");
+        std::os::unix::fs::symlink(cas.join("ca.pem"), cas.join("5ed36f99.0")).expect("link");
+        let settings = ClientTlsSettings {
+            ca_path: Some(cas),
+            ..ClientTlsSettings::default()
+        };
+        let origin = origin(&settings, "backend.test").expect("origin");
+        let outcome = exchange(acceptor(&server_settings(&pki)).expect("acceptor"), &origin).await;
+        assert!(
+            outcome.succeeded(),
+            "{:?} {:?}",
+            outcome.client,
+            outcome.server
+        );
+    }
+
+    #[test]
+    fn ca_path_without_certificates_or_missing_is_named() {
+        let (dir, _pki) = pki();
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).expect("directory");
+        std::fs::write(empty.join("notes.txt"), "nothing here").expect("write");
+        for path in [empty, dir.path().join("absent")] {
+            let settings = ClientTlsSettings {
+                ca_path: Some(path.clone()),
+                ..ClientTlsSettings::default()
+            };
+            let error = origin(&settings, "backend.test").expect_err("refused");
+            assert!(
+                error.to_string().contains(&path.display().to_string()),
+                "{error}"
+            );
+        }
     }
 
     #[test]

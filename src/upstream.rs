@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerHealth, PeerParams, Selector, Tried};
+use crate::balancer::{algorithm_for, PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+use crate::stats::{unavailable_counter, PeerStats};
+use crate::tls::{self, TlsOrigin};
 
 /// Where a peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +36,12 @@ pub struct Peer {
     pub label: String,
     pub target: PeerTarget,
     pub server: ServerConfig,
+    /// TLS towards this peer, loaded from its files once per build of the group.
+    pub tls: Option<TlsOrigin>,
     /// Shared with the same peer in earlier and later builds of the group.
     pub health: Arc<PeerHealth>,
+    /// Shared like `health`.
+    pub stats: Arc<PeerStats>,
 }
 
 impl Peer {
@@ -55,6 +61,7 @@ pub struct Upstream {
     pub balance: Balance,
     pub peers: Vec<Peer>,
     selector: Mutex<Selector>,
+    unavailable: metrics::Counter,
 }
 
 impl Upstream {
@@ -73,6 +80,7 @@ impl Upstream {
                     config.name, server.address
                 )
             })?;
+            let tls = server_tls(&config.name, server)?;
             let several = targets.len() > 1;
             for target in targets {
                 let label = if several {
@@ -81,15 +89,18 @@ impl Upstream {
                     server.label()
                 };
                 let mut peer = Peer {
+                    stats: Arc::new(PeerStats::new(&config.name, &label)),
                     label,
                     target,
                     server: server.clone(),
+                    tls: tls.clone(),
                     health: Arc::default(),
                 };
                 if let Some(old) =
                     previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
                 {
                     peer.health = Arc::clone(&old.health);
+                    peer.stats = Arc::clone(&old.stats);
                 }
                 peers.push(peer);
             }
@@ -104,6 +115,7 @@ impl Upstream {
         let algorithm =
             algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
         Ok(Upstream {
+            unavailable: unavailable_counter(&name),
             name,
             balance,
             peers,
@@ -125,9 +137,35 @@ impl Upstream {
         Some(Attempt {
             upstream: Arc::clone(self),
             index,
+            started: Instant::now(),
             settled: false,
         })
     }
+
+    /// Peer `index`'s state as of now.
+    pub fn peer_state(&self, index: usize) -> PeerState {
+        self.selector().state(index, Instant::now())
+    }
+
+    /// A client connection was closed because no peer could take it.
+    pub fn count_unavailable(&self) {
+        self.unavailable.increment(1);
+    }
+}
+
+/// Reads a server's TLS files; an error names the file (a configuration error).
+fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, String> {
+    let Some(settings) = &server.tls else {
+        return Ok(None);
+    };
+    // A unix: server always has `server_name` (the configuration requires it).
+    let host = server.address.host().unwrap_or_default();
+    tls::origin(settings, host).map(Some).map_err(|err| {
+        format!(
+            "upstream {upstream:?}: server {}: TLS: {err}",
+            server.label()
+        )
+    })
 }
 
 fn peer_params(server: &ServerConfig) -> PeerParams {
@@ -169,6 +207,7 @@ pub async fn resolve_address(address: &Address) -> std::io::Result<Vec<PeerTarge
 pub struct Attempt {
     upstream: Arc<Upstream>,
     index: usize,
+    started: Instant,
     settled: bool,
 }
 
@@ -177,16 +216,18 @@ impl Attempt {
         &self.upstream.peers[self.index]
     }
 
-    /// The attempt failed: counts towards max_fails.
-    pub fn failed(mut self) {
+    /// The attempt failed for `reason`: counts towards max_fails.
+    pub fn failed(mut self, reason: &str) {
         self.settled = true;
         self.peer().health.failed(Instant::now());
+        self.peer().stats.failed(reason);
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
     pub fn succeeded(mut self) -> Lease {
         self.settled = true;
         self.peer().health.succeeded();
+        self.peer().stats.connected(self.started.elapsed());
         Lease {
             upstream: Arc::clone(&self.upstream),
             index: self.index,
@@ -217,5 +258,6 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.peer().health.released();
+        self.peer().stats.closed();
     }
 }

@@ -2,6 +2,7 @@
 //! spans, then validated into plain types the rest of sluice uses.
 
 mod address;
+mod fluent_bit;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,13 +14,17 @@ use std::time::Duration;
 pub use address::Address;
 pub use raw::{Balance, HashKey};
 
-use raw::{RawConfig, RawListener, RawServer, RawUpstream};
+use raw::{RawClientTls, RawConfig, RawListener, RawServer, RawUpstream};
 use toml::Spanned;
+
+use crate::tls::{ClientTlsSettings, ServerTlsSettings};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub shutdown_timeout: Duration,
+    /// `None`: no admin endpoint.
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
@@ -37,6 +42,16 @@ pub struct ListenerConfig {
     /// `None`: no limit on the time all attempts may take together.
     pub next_upstream_timeout: Option<Duration>,
     pub unix_mode: u32,
+    /// `[listener.tls]`: terminate TLS from clients.
+    pub tls: Option<ServerTlsSettings>,
+    /// One access-log line per client connection at its close.
+    pub access_log: bool,
+}
+
+/// The admin HTTP endpoint (SPEC §5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub bind: Address,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +73,11 @@ pub struct ServerConfig {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// TLS origination towards this server; `None`: plain.
+    pub tls: Option<ClientTlsSettings>,
+    /// Keys of a Fluent Bit node that sluice keeps but does not use
+    /// (`shared_key`, ...), in file order; listed by `--check`.
+    pub plugin_keys: Vec<(String, String)>,
 }
 
 impl ServerConfig {
@@ -137,6 +157,14 @@ impl Source<'_> {
         self.error(Some(spanned.span()), message)
     }
 
+    /// Relative paths in the file are relative to the file's directory.
+    fn relative(&self, path: PathBuf) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path,
+        }
+    }
+
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let mut upstreams = BTreeMap::new();
         for (name, upstream) in raw.upstream {
@@ -168,8 +196,24 @@ impl Source<'_> {
             }
             listeners.push(listener.config);
         }
+        let admin = match raw.admin {
+            Some(admin) if binds.contains(admin.bind.get_ref()) => {
+                return Err(self.error_at(
+                    &admin.bind,
+                    format!(
+                        "[admin]: bind address {} is used by a listener",
+                        admin.bind.get_ref()
+                    ),
+                ))
+            }
+            Some(admin) => Some(AdminConfig {
+                bind: admin.bind.into_inner(),
+            }),
+            None => None,
+        };
         Ok(Config {
             shutdown_timeout: raw.shutdown_timeout.0,
+            admin,
             listeners,
             upstreams,
         })
@@ -235,6 +279,12 @@ impl Source<'_> {
                 next_upstream_tries: raw.next_upstream_tries,
                 next_upstream_timeout: non_zero(raw.next_upstream_timeout.0),
                 unix_mode,
+                tls: raw.tls.map(|tls| ServerTlsSettings {
+                    cert_file: self.relative(tls.cert_file),
+                    key_file: self.relative(tls.key_file),
+                    client_ca_file: tls.client_ca_file.map(|path| self.relative(path)),
+                }),
+                access_log: raw.access_log,
             },
         })
     }
@@ -257,15 +307,19 @@ impl Source<'_> {
                 ))
             }
         };
-        if raw.server.is_empty() {
+        if raw.server.is_empty() && raw.from_fluent_bit.is_none() {
             return Err(self.error_at(
                 name,
-                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]]"),
+                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]] and no `from_fluent_bit`"),
             ));
         }
+        let group_tls = raw.tls.as_ref();
         let mut servers = Vec::with_capacity(raw.server.len());
+        if let Some(file) = raw.from_fluent_bit {
+            servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
+        }
         for server in raw.server {
-            servers.push(self.validate_server(upstream, &balance, server)?);
+            servers.push(self.validate_server(upstream, &balance, group_tls, server)?);
         }
         Ok(UpstreamConfig {
             name: upstream.clone(),
@@ -278,6 +332,7 @@ impl Source<'_> {
         &self,
         upstream: &str,
         balance: &Balance,
+        group_tls: Option<&Spanned<RawClientTls>>,
         raw: RawServer,
     ) -> Result<ServerConfig, ConfigError> {
         if *raw.weight.get_ref() == 0 {
@@ -302,8 +357,11 @@ impl Source<'_> {
                 );
             }
         }
+        let tls = self.server_tls(upstream, &raw.address, group_tls, raw.tls)?;
         Ok(ServerConfig {
             address: raw.address,
+            tls,
+            plugin_keys: Vec::new(),
             name: raw.name.map(Spanned::into_inner),
             weight: raw.weight.into_inner(),
             max_conns: raw.max_conns,
@@ -312,6 +370,57 @@ impl Source<'_> {
             backup: raw.backup.into_inner(),
             down: raw.down,
         })
+    }
+
+    /// A server's TLS settings: its own `tls` table over the group's; TLS is
+    /// on when either table is present.
+    fn server_tls(
+        &self,
+        upstream: &str,
+        address: &Address,
+        group: Option<&Spanned<RawClientTls>>,
+        own: Option<Spanned<RawClientTls>>,
+    ) -> Result<Option<ClientTlsSettings>, ConfigError> {
+        let span = match (&own, group) {
+            (Some(own), _) => own.span(),
+            (None, Some(group)) => group.span(),
+            (None, None) => return Ok(None),
+        };
+        let own = own.map(Spanned::into_inner).unwrap_or_default();
+        let default = RawClientTls::default();
+        let group = group.map_or(&default, Spanned::get_ref);
+        let settings = ClientTlsSettings {
+            verify: own.verify.or(group.verify).unwrap_or(true),
+            server_name: own.server_name.or_else(|| group.server_name.clone()),
+            ca_file: own
+                .ca_file
+                .or_else(|| group.ca_file.clone())
+                .map(|p| self.relative(p)),
+            ca_path: None,
+            cert_file: own
+                .cert_file
+                .or_else(|| group.cert_file.clone())
+                .map(|p| self.relative(p)),
+            key_file: own
+                .key_file
+                .or_else(|| group.key_file.clone())
+                .map(|p| self.relative(p)),
+        };
+        let problem = match (&settings.cert_file, &settings.key_file) {
+            (Some(_), None) => Some("key `cert_file` is given without `key_file`"),
+            (None, Some(_)) => Some("key `key_file` is given without `cert_file`"),
+            _ if address.host().is_none() && settings.server_name.is_none() => {
+                Some("TLS to a unix: address needs key `server_name`")
+            }
+            _ => None,
+        };
+        match problem {
+            Some(problem) => Err(self.error(
+                Some(span),
+                format!("upstream {upstream:?}: server {address}: {problem}"),
+            )),
+            None => Ok(Some(settings)),
+        }
     }
 }
 
@@ -361,6 +470,38 @@ address = "127.0.0.1:7001"
         assert_eq!(server.fail_timeout, Duration::from_secs(10));
         assert!(!server.backup && !server.down);
         assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
+        assert_eq!(config.admin, None);
+        assert!(listener.access_log);
+    }
+
+    #[test]
+    fn admin_bind_and_access_log() {
+        let text = format!(
+            "{}\n[admin]\nbind = \"unix:/run/sluice/admin.sock\"\n",
+            MINIMAL.replace("upstream = \"u\"", "upstream = \"u\"\naccess_log = false")
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.admin,
+            Some(AdminConfig {
+                bind: Address::Unix("/run/sluice/admin.sock".into())
+            })
+        );
+        assert!(!config.listeners[0].access_log);
+    }
+
+    #[test]
+    fn admin_bind_is_checked() {
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1\"\n"));
+        assert_eq!(err.line, Some(12));
+        assert!(err.message.contains("127.0.0.1"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:7000\"\n"));
+        assert_eq!(err.line, Some(12));
+        assert!(err.message.contains("[admin]"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\nport = 9100\n"));
+        assert!(err.message.contains("port"), "{err}");
+        let err = error_of(&format!("{MINIMAL}\n[admin]\n"));
+        assert!(err.message.contains("bind"), "{err}");
     }
 
     fn error_of(text: &str) -> ConfigError {
@@ -455,5 +596,149 @@ address = "127.0.0.1:7001"
         )
         .unwrap();
         assert_eq!(ok.listeners[0].unix_mode, 0o600);
+    }
+
+    #[test]
+    fn server_tls_overrides_the_groups_and_group_tls_turns_tls_on() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\n[upstream.u.tls]\nca_file = \"ca.pem\"\nserver_name = \"group.test\"",
+        ) + "[upstream.u.server.tls]\nverify = false\nserver_name = \"own.test\"\n\
+             cert_file = \"/abs/client.pem\"\nkey_file = \"client.key\"\n\
+             [[upstream.u.server]]\naddress = \"127.0.0.1:7002\"\n";
+        let config = Config::parse(&text, Path::new("/etc/sluice/sluice.toml")).unwrap();
+        let servers = &config.upstreams["u"].servers;
+        let own = servers[0].tls.as_ref().unwrap();
+        assert!(!own.verify);
+        assert_eq!(own.server_name.as_deref(), Some("own.test"));
+        assert_eq!(
+            own.ca_file.as_deref(),
+            Some(Path::new("/etc/sluice/ca.pem"))
+        );
+        assert_eq!(own.cert_file.as_deref(), Some(Path::new("/abs/client.pem")));
+        assert_eq!(
+            own.key_file.as_deref(),
+            Some(Path::new("/etc/sluice/client.key"))
+        );
+        let inherited = servers[1].tls.as_ref().unwrap();
+        assert!(inherited.verify);
+        assert_eq!(inherited.server_name.as_deref(), Some("group.test"));
+        assert_eq!(inherited.cert_file, None);
+        assert_eq!(parse(MINIMAL).unwrap().upstreams["u"].servers[0].tls, None);
+    }
+
+    #[test]
+    fn listener_tls_paths_are_relative_to_the_file() {
+        let text = MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\n[listener.tls]\ncert_file = \"tls.pem\"\nkey_file = \"/k.pem\"",
+        );
+        let config = Config::parse(&text, Path::new("/etc/sluice/sluice.toml")).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, Path::new("/etc/sluice/tls.pem"));
+        assert_eq!(tls.key_file, Path::new("/k.pem"));
+        assert_eq!(tls.client_ca_file, None);
+    }
+
+    #[test]
+    fn tls_table_errors_name_the_line() {
+        let err = error_of(&format!(
+            "{MINIMAL}[upstream.u.server.tls]\nkey_file = \"k.pem\"\n"
+        ));
+        assert_eq!(err.line, Some(10));
+        assert!(
+            err.message
+                .contains("`key_file` is given without `cert_file`"),
+            "{err}"
+        );
+        let err = error_of(&format!(
+            "{MINIMAL}[upstream.u.server.tls]\nverfy = false\n"
+        ));
+        assert_eq!(err.line, Some(11));
+        assert!(err.message.contains("verfy"), "{err}");
+        let err = error_of(
+            &format!("{MINIMAL}[upstream.u.server.tls]\n")
+                .replace("127.0.0.1:7001", "unix:/run/u.sock"),
+        );
+        assert!(err.message.contains("server_name"), "{err}");
+        let err = error_of(&MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\n[listener.tls]\ncert_file = \"tls.pem\"",
+        ));
+        assert!(err.message.contains("key_file"), "{err}");
+    }
+
+    const UPSTREAM_FILE: &str = "[UPSTREAM]\n    name  fb\n\n[NODE]\n    name  one\n    host  127.0.0.1\n    port  7101\n\n\
+        [NODE]\n    name  two\n    host  backend.test\n    port  7102\n    tls   on\n    tls.vhost  sni.test\n\
+        \x20   tls.ca_path  /cas\n    shared_key  secret\n";
+
+    fn with_upstream_file(toml: &str, upstream_file: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nodes.conf"), upstream_file).unwrap();
+        Config::parse(toml, &dir.path().join("sluice.toml"))
+    }
+
+    #[test]
+    fn from_fluent_bit_takes_the_nodes_before_the_servers() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nfrom_fluent_bit = \"nodes.conf\"\n[upstream.u.tls]\nca_file = \"/ca.pem\"",
+        );
+        let config = with_upstream_file(&text, UPSTREAM_FILE).unwrap();
+        let servers = &config.upstreams["u"].servers;
+        let labels: Vec<String> = servers.iter().map(ServerConfig::label).collect();
+        assert_eq!(labels, ["one", "two", "127.0.0.1:7001"]);
+        assert_eq!(servers[0].tls, None, "a node without `tls on` stays plain");
+        let tls = servers[1].tls.as_ref().unwrap();
+        assert!(tls.verify);
+        assert_eq!(tls.server_name.as_deref(), Some("sni.test"));
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(tls.ca_path.as_deref(), Some(Path::new("/cas")));
+        assert_eq!(
+            servers[1].plugin_keys,
+            [("shared_key".to_owned(), "secret".to_owned())]
+        );
+        assert_eq!(servers[1].address.to_string(), "backend.test:7102");
+        // The group's table turns TLS on for [[server]] entries as usual.
+        assert!(servers[2].tls.is_some());
+    }
+
+    #[test]
+    fn from_fluent_bit_alone_is_enough_and_its_errors_name_that_file() {
+        let text = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:7000\"\nupstream = \"u\"\n\
+                    [upstream.u]\nfrom_fluent_bit = \"nodes.conf\"\n";
+        let config = with_upstream_file(text, UPSTREAM_FILE).unwrap();
+        assert_eq!(config.upstreams["u"].servers.len(), 2);
+
+        let err = with_upstream_file(text, &UPSTREAM_FILE.replace("7102", "70000")).unwrap_err();
+        assert!(err.file.ends_with("nodes.conf"), "{err}");
+        assert_eq!(err.line, Some(12));
+
+        let err = with_upstream_file(&text.replace("nodes.conf", "absent.conf"), UPSTREAM_FILE)
+            .unwrap_err();
+        assert!(err.file.ends_with("sluice.toml"), "{err}");
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("absent.conf"), "{err}");
+    }
+
+    #[test]
+    fn fluent_bit_mode_builds_one_round_robin_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nodes.conf");
+        std::fs::write(&file, UPSTREAM_FILE).unwrap();
+        let config = Config::from_fluent_bit(&file, "[::1]:24224").unwrap();
+        assert_eq!(config.listeners.len(), 1);
+        let listener = &config.listeners[0];
+        assert_eq!(
+            (listener.name.as_str(), listener.upstream.as_str()),
+            ("fb", "fb")
+        );
+        assert_eq!(listener.bind.to_string(), "[::1]:24224");
+        assert_eq!(listener.connect_timeout, Duration::from_secs(5));
+        let upstream = &config.upstreams["fb"];
+        assert_eq!(upstream.balance, Balance::RoundRobin);
+        assert_eq!(upstream.servers.len(), 2);
+        let err = Config::from_fluent_bit(&file, "nowhere").unwrap_err();
+        assert!(err.to_string().starts_with("--bind: "), "{err}");
     }
 }

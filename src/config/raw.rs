@@ -2,6 +2,7 @@
 //! values that later checks talk about keep their source span.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -15,6 +16,7 @@ use super::Address;
 pub(super) struct RawConfig {
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: DurationValue,
+    pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub listener: Vec<RawListener>,
     #[serde(default)]
@@ -36,6 +38,36 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::zero")]
     pub next_upstream_timeout: DurationValue,
     pub unix_mode: Option<Spanned<String>>,
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+    pub tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub bind: Spanned<Address>,
+}
+
+/// `[listener.tls]`: TLS termination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `[upstream.NAME.tls]` and `[upstream.NAME.server.tls]`: TLS origination.
+/// Unset fields of a server's table take the group's value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientTls {
+    pub verify: Option<bool>,
+    pub server_name: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +76,8 @@ pub(super) struct RawUpstream {
     #[serde(default = "defaults::balance")]
     pub balance: Spanned<Balance>,
     pub hash_key: Option<Spanned<HashKey>>,
+    pub from_fluent_bit: Option<Spanned<PathBuf>>,
+    pub tls: Option<Spanned<RawClientTls>>,
     #[serde(default)]
     pub server: Vec<RawServer>,
 }
@@ -65,6 +99,7 @@ pub(super) struct RawServer {
     pub backup: Spanned<bool>,
     #[serde(default)]
     pub down: bool,
+    pub tls: Option<Spanned<RawClientTls>>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
@@ -164,5 +199,8 @@ mod defaults {
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)
+    }
+    pub fn yes() -> bool {
+        true
     }
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::stream::Stream;
 use super::{serve_connection, ClientAddr, ListenerContext};
 use crate::config::Address;
+use crate::stats::ListenerMetrics;
 
 /// A listener that could not be bound: a start-up failure (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<BoundSocket> {
 }
 
 impl BoundSocket {
-    async fn accept(&self) -> io::Result<(Stream, ClientAddr)> {
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, ClientAddr)> {
         match self {
             BoundSocket::Tcp(listener) => {
                 let (stream, addr) = listener.accept().await?;
@@ -157,6 +158,7 @@ pub async fn accept_loop(
     connections: TaskTracker,
 ) {
     let name = context.load().config.name.clone();
+    let metrics = ListenerMetrics::new(&name);
     info!(listener = name.as_str(), address = %socket.local_addr(), upstream = context.load().config.upstream.as_str(), "listening");
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -168,7 +170,12 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, client_addr)) => {
                 backoff = Duration::from_millis(5);
-                connections.spawn(serve_connection(stream, client_addr, context.load_full()));
+                let active = metrics.accepted();
+                let serve = serve_connection(stream, client_addr, context.load_full());
+                connections.spawn(async move {
+                    serve.await;
+                    drop(active);
+                });
             }
             Err(err) if is_connection_error(&err) => {}
             Err(err) => {

@@ -10,24 +10,53 @@ pub mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
-use crate::upstream::{Lease, PeerTarget, SharedUpstream, Upstream};
-use relay::{relay, RelayEnd, RelayOutcome};
+use crate::stats::PeerStats;
+use crate::tls::{self, TlsOrigin};
+use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
+use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
 use stream::Stream;
+
+/// How often a long connection's byte counts are added to the peer's
+/// counters; short connections report once, at close.
+const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
 pub struct ListenerContext {
     pub config: ListenerConfig,
     pub upstream: SharedUpstream,
+    /// TLS termination, loaded from the listener's files once per load.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl ListenerContext {
+    /// Builds the context, reading the listener's TLS files if it has any.
+    pub fn new(config: ListenerConfig, upstream: SharedUpstream) -> Result<Self, String> {
+        let tls = match &config.tls {
+            Some(settings) => Some(
+                tls::acceptor(settings)
+                    .map_err(|err| format!("listener {:?}: TLS: {err}", config.name))?,
+            ),
+            None => None,
+        };
+        Ok(ListenerContext {
+            config,
+            upstream,
+            tls,
+        })
+    }
 }
 
 /// A client's address: TCP clients have one; UNIX-socket clients usually do not.
@@ -77,27 +106,60 @@ pub async fn serve_connection(
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
+    let accepted = Instant::now();
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
-    let (lease, mut upstream_stream) = match connect_upstream(&context.config, &group, client_addr)
-        .await
+    let mut access = AccessRecord::new(
+        context.config.access_log,
+        listener,
+        &client_addr,
+        upstream,
+        accepted,
+    );
+    if let Some(acceptor) = &context.tls {
+        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+            Ok(client) => client,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
+                access.finish(None, 0, 0, Close::ClientError(&reason));
+                return;
+            }
+        };
+    }
+    let (lease, mut upstream_stream) = match connect_upstream(
+        &context.config,
+        &group,
+        client_addr,
+        &mut access,
+    )
+    .await
     {
         Ok(connected) => connected,
         Err(reason) => {
             // Dropping the client closes it at once with nothing written.
+            group.count_unavailable();
             warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
+            access.finish(None, 0, 0, Close::NoPeer(&reason));
             return;
         }
     };
     let peer = lease.peer().label.as_str();
-    let outcome = relay_streams(
+    let outcome = relay_reporting(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
+        &lease.peer().stats,
     )
     .await;
     let (sent, received) = (outcome.sent, outcome.received);
+    let close = match &outcome.end {
+        RelayEnd::Done => Close::Done,
+        RelayEnd::Idle => Close::Idle,
+        RelayEnd::Error(Side::Client, err) => Close::ClientError(err),
+        RelayEnd::Error(Side::Upstream, err) => Close::UpstreamError(err),
+    };
+    access.finish(Some(peer), sent, received, close);
     match outcome.end {
         RelayEnd::Done => {
             debug!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed")
@@ -111,18 +173,52 @@ pub async fn serve_connection(
     }
 }
 
-/// Plaintext socket pairs are spliced inside the kernel on Linux; anything
-/// else (TLS, other systems) is copied through user-space buffers.
+/// Relays, adding the bytes to the peer's counters every
+/// TRAFFIC_REPORT_INTERVAL and at the end.
+async fn relay_reporting(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    idle_timeout: Option<Duration>,
+    stats: &PeerStats,
+) -> RelayOutcome {
+    let traffic = Traffic::default();
+    let mut reported = (0, 0);
+    let mut report = |traffic: &Traffic| {
+        let sent = traffic.sent.load(Ordering::Relaxed);
+        let received = traffic.received.load(Ordering::Relaxed);
+        stats.relayed(sent - reported.0, received - reported.1);
+        reported = (sent, received);
+    };
+    let relay = relay_streams(client, upstream, idle_timeout, &traffic);
+    tokio::pin!(relay);
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + TRAFFIC_REPORT_INTERVAL,
+        TRAFFIC_REPORT_INTERVAL,
+    );
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            outcome = &mut relay => break outcome,
+            _ = ticker.tick() => report(&traffic),
+        }
+    };
+    report(&traffic);
+    outcome
+}
+
+/// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
+/// anything else (TLS, other systems) is copied through user-space buffers.
 async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
     idle_timeout: Option<Duration>,
+    traffic: &Traffic,
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
     if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-        return splice::relay(client, upstream, idle_timeout).await;
+        return splice::relay(client, upstream, idle_timeout, traffic).await;
     }
-    relay(client, upstream, idle_timeout).await
+    relay(client, upstream, idle_timeout, traffic).await
 }
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
@@ -130,6 +226,7 @@ async fn connect_upstream(
     config: &ListenerConfig,
     group: &Arc<Upstream>,
     client_addr: ClientAddr,
+    access: &mut AccessRecord<'_>,
 ) -> Result<(Lease, Stream), Unavailable> {
     let started = Instant::now();
     let key = hash_key(&group.balance, client_addr);
@@ -151,9 +248,17 @@ async fn connect_upstream(
             .select(&mut tried, &key)
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
-        let reason = match tokio::time::timeout(timeout, connect(&attempt.peer().target)).await {
-            Ok(Ok(stream)) => return Ok((attempt.succeeded(), stream)),
+        // One timeout covers the connect and the TLS handshake.
+        let reason = match tokio::time::timeout(timeout, connect_peer(attempt.peer())).await {
+            Ok(Ok(stream)) => {
+                access.tried(&attempt.peer().label, TryOutcome::Connected);
+                return Ok((attempt.succeeded(), stream));
+            }
             Ok(Err(err)) => err.to_string(),
+            Err(_) if attempt.peer().tls.is_some() => format!(
+                "connect and TLS handshake timed out after {}",
+                humantime::format_duration(timeout)
+            ),
             Err(_) => format!(
                 "connect timed out after {}",
                 humantime::format_duration(timeout)
@@ -167,7 +272,43 @@ async fn connect_upstream(
             reason = %reason,
             "upstream connect attempt failed"
         );
-        attempt.failed();
+        access.tried(&attempt.peer().label, TryOutcome::Failed(reason.clone()));
+        attempt.failed(&reason);
+    }
+}
+
+/// Connects to the peer and, if it speaks TLS, completes the handshake.
+async fn connect_peer(peer: &Peer) -> io::Result<Stream> {
+    let stream = connect(&peer.target).await?;
+    match &peer.tls {
+        Some(tls) => originate_tls(tls, stream).await,
+        None => Ok(stream),
+    }
+}
+
+async fn originate_tls(tls: &TlsOrigin, stream: Stream) -> io::Result<Stream> {
+    match tls.connector.connect(tls.server_name.clone(), stream).await {
+        Ok(stream) => Ok(Stream::TlsToPeer(Box::new(stream))),
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!("TLS handshake failed: {err}"),
+        )),
+    }
+}
+
+/// The client's TLS handshake, within the listener's connect_timeout.
+async fn terminate_tls(
+    acceptor: &TlsAcceptor,
+    client: Stream,
+    timeout: Duration,
+) -> Result<Stream, String> {
+    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+        Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!(
+            "no TLS handshake within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 

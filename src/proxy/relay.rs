@@ -4,6 +4,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +34,17 @@ pub enum RelayEnd {
     Error(Side, io::Error),
 }
 
+/// Bytes relayed so far on one connection, readable while the relay runs so
+/// long connections can report progress. Local to the connection: never
+/// contended.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Client → upstream.
+    pub sent: AtomicU64,
+    /// Upstream → client.
+    pub received: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct RelayOutcome {
     /// Client → upstream.
@@ -50,7 +62,6 @@ struct HalfDuplex {
     end: usize,
     read_done: bool,
     need_flush: bool,
-    bytes: u64,
 }
 
 pub(super) enum CopyError {
@@ -66,7 +77,6 @@ impl HalfDuplex {
             end: 0,
             read_done: false,
             need_flush: false,
-            bytes: 0,
         }
     }
 
@@ -75,6 +85,7 @@ impl HalfDuplex {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
+        bytes: &AtomicU64,
         progressed: &mut bool,
     ) -> Poll<Result<(), CopyError>>
     where
@@ -116,7 +127,7 @@ impl HalfDuplex {
                     return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.start += written;
-                self.bytes += written as u64;
+                bytes.fetch_add(written as u64, Ordering::Relaxed);
                 self.need_flush = true;
                 *progressed = true;
             }
@@ -130,11 +141,12 @@ impl HalfDuplex {
 }
 
 /// Relays until both directions have finished, one side fails, or nothing
-/// moves for `idle_timeout`.
+/// moves for `idle_timeout`, counting the bytes written each way in `traffic`.
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
     idle_timeout: Option<Duration>,
+    traffic: &Traffic,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -147,19 +159,21 @@ where
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *upstream),
+            &traffic.sent,
             progressed,
         ),
         Direction::ToClient => to_client.poll_copy(
             cx,
             Pin::new(&mut *upstream),
             Pin::new(&mut *client),
+            &traffic.received,
             progressed,
         ),
     })
     .await;
     RelayOutcome {
-        sent: to_upstream.bytes,
-        received: to_client.bytes,
+        sent: traffic.sent.load(Ordering::Relaxed),
+        received: traffic.received.load(Ordering::Relaxed),
         end,
     }
 }

@@ -9,12 +9,13 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
 
-use super::relay::{drive, CopyError, Direction, RelayOutcome};
+use super::relay::{drive, CopyError, Direction, RelayOutcome, Traffic};
 use super::stream::PlainSocket;
 
 /// Bytes asked for per splice from a socket; the kernel moves at most what
@@ -137,7 +138,6 @@ struct PlainHalf {
     in_pipe: usize,
     bulk: bool,
     read_done: bool,
-    bytes: u64,
 }
 
 impl PlainHalf {
@@ -146,6 +146,7 @@ impl PlainHalf {
         cx: &mut Context<'_>,
         from: PlainSocket<'_>,
         to: PlainSocket<'_>,
+        bytes: &AtomicU64,
         progressed: &mut bool,
     ) -> Poll<Result<(), CopyError>> {
         loop {
@@ -175,7 +176,7 @@ impl PlainHalf {
                     }
                     Ok(sent) => {
                         self.start += sent;
-                        self.bytes += sent as u64;
+                        bytes.fetch_add(sent as u64, Ordering::Relaxed);
                         *progressed = true;
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -196,7 +197,7 @@ impl PlainHalf {
                     }
                     Ok(moved) => {
                         self.in_pipe -= moved;
-                        self.bytes += moved as u64;
+                        bytes.fetch_add(moved as u64, Ordering::Relaxed);
                         *progressed = true;
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -269,22 +270,28 @@ impl PlainHalf {
 }
 
 /// Relays between two plaintext sockets with the same semantics as
-/// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte counts.
+/// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
+/// counts in `traffic`.
 pub async fn relay(
     client: PlainSocket<'_>,
     upstream: PlainSocket<'_>,
     idle_timeout: Option<Duration>,
+    traffic: &Traffic,
 ) -> RelayOutcome {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
     let end = drive(idle_timeout, |cx, direction, progressed| match direction {
-        Direction::ToUpstream => to_upstream.poll_move(cx, client, upstream, progressed),
-        Direction::ToClient => to_client.poll_move(cx, upstream, client, progressed),
+        Direction::ToUpstream => {
+            to_upstream.poll_move(cx, client, upstream, &traffic.sent, progressed)
+        }
+        Direction::ToClient => {
+            to_client.poll_move(cx, upstream, client, &traffic.received, progressed)
+        }
     })
     .await;
     RelayOutcome {
-        sent: to_upstream.bytes,
-        received: to_client.bytes,
+        sent: traffic.sent.load(Ordering::Relaxed),
+        received: traffic.received.load(Ordering::Relaxed),
         end,
     }
 }

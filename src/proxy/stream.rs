@@ -14,6 +14,11 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS originated by sluice towards a peer, over TCP or UNIX. Boxed: a
+    /// TLS session is large and the enum nests.
+    TlsToPeer(Box<tokio_rustls::client::TlsStream<Stream>>),
+    /// TLS terminated by sluice for a client of a listener.
+    TlsFromClient(Box<tokio_rustls::server::TlsStream<Stream>>),
 }
 
 macro_rules! delegate {
@@ -21,6 +26,8 @@ macro_rules! delegate {
         match $self.get_mut() {
             Stream::Tcp($stream) => $call,
             Stream::Unix($stream) => $call,
+            Stream::TlsToPeer($stream) => $call,
+            Stream::TlsFromClient($stream) => $call,
         }
     };
 }
@@ -60,6 +67,7 @@ impl Stream {
         match self {
             Stream::Tcp(stream) => Some(PlainSocket::Tcp(stream)),
             Stream::Unix(stream) => Some(PlainSocket::Unix(stream)),
+            Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
         }
     }
 }

@@ -71,10 +71,34 @@ impl Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(SLUICE)
-            .arg("--config")
-            .arg(&config_path)
-            .args(args)
+        let mut command = Command::new(SLUICE);
+        command.arg("--config").arg(&config_path).args(args);
+        Sluice::launch(command, dir, config_path)
+    }
+
+    /// Starts sluice with exactly these arguments (no --config) and waits
+    /// until `listeners` listeners are bound.
+    pub async fn start_args(args: &[&str], listeners: usize) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("unused.toml");
+        let mut command = Command::new(SLUICE);
+        command.args(args).env_remove("SLUICE_CONFIG");
+        let sluice = Sluice::launch(command, dir, config_path);
+        let ready = wait_until(Duration::from_secs(10), || {
+            sluice
+                .log_lines()
+                .iter()
+                .filter(|l| l.contains("listening"))
+                .count()
+                >= listeners
+        })
+        .await;
+        assert!(ready, "sluice did not start; log:\n{}", sluice.log_text());
+        sluice
+    }
+
+    fn launch(mut command: Command, dir: tempfile::TempDir, config_path: PathBuf) -> Sluice {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -256,7 +280,11 @@ impl Backend {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, name: String, behavior: Behavior) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    name: String,
+    behavior: Behavior,
+) {
     match behavior {
         Behavior::Echo => echo(&mut stream).await,
         Behavior::Announce => {

@@ -1,0 +1,161 @@
+//! The access log: one line per client connection at its close, under the
+//! tracing target `sluice::access` so it can be filtered on its own
+//! (`RUST_LOG=info,sluice::access=off`). The line's timestamp is its time.
+
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The tracing target of access-log lines.
+pub const TARGET: &str = "sluice::access";
+
+/// How one attempt on a peer ended.
+pub enum TryOutcome {
+    Connected,
+    Failed(String),
+}
+
+/// Why a client connection closed.
+pub enum Close<'a> {
+    /// Both sides finished sending.
+    Done,
+    /// `idle_timeout` passed with no byte either way.
+    Idle,
+    ClientError(&'a (dyn fmt::Display + Sync)),
+    UpstreamError(&'a (dyn fmt::Display + Sync)),
+    /// No peer could take the connection.
+    NoPeer(&'a (dyn fmt::Display + Sync)),
+}
+
+impl Close<'_> {
+    fn keyword(&self) -> &'static str {
+        match self {
+            Close::Done => "done",
+            Close::Idle => "idle_timeout",
+            Close::ClientError(_) => "client_error",
+            Close::UpstreamError(_) => "upstream_error",
+            Close::NoPeer(_) => "no_peer",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Close::Done | Close::Idle => None,
+            Close::ClientError(why) | Close::UpstreamError(why) | Close::NoPeer(why) => {
+                Some(why.to_string())
+            }
+        }
+    }
+}
+
+/// What the access log records of one client connection while it runs.
+/// A disabled record (`access_log = false`) records and writes nothing.
+pub struct AccessRecord<'a> {
+    enabled: bool,
+    listener: &'a str,
+    client: &'a (dyn fmt::Display + Sync),
+    upstream: &'a str,
+    accepted: Instant,
+    tries: String,
+    connect_time: Option<Duration>,
+}
+
+impl<'a> AccessRecord<'a> {
+    /// Starts the record when the client is accepted.
+    pub fn new(
+        enabled: bool,
+        listener: &'a str,
+        client: &'a (dyn fmt::Display + Sync),
+        upstream: &'a str,
+        accepted: Instant,
+    ) -> AccessRecord<'a> {
+        AccessRecord {
+            enabled,
+            listener,
+            client,
+            upstream,
+            accepted,
+            tries: String::new(),
+            connect_time: None,
+        }
+    }
+
+    /// Notes an attempt on peer `label`; a success also fixes the connect time.
+    pub fn tried(&mut self, label: &str, outcome: TryOutcome) {
+        if !self.enabled {
+            return;
+        }
+        if !self.tries.is_empty() {
+            self.tries.push_str(", ");
+        }
+        match outcome {
+            TryOutcome::Connected => {
+                let _ = write!(self.tries, "{label} connected");
+                self.connect_time = Some(self.accepted.elapsed());
+            }
+            TryOutcome::Failed(reason) => {
+                let _ = write!(self.tries, "{label} failed ({reason})");
+            }
+        }
+    }
+
+    /// Writes the line. `peer` is the peer relayed to, if any.
+    pub fn finish(&self, peer: Option<&str>, sent: u64, received: u64, close: Close<'_>) {
+        if !self.enabled {
+            return;
+        }
+        tracing::info!(
+            target: TARGET,
+            listener = self.listener,
+            client = %self.client,
+            upstream = self.upstream,
+            peer = peer.unwrap_or("-"),
+            tries = self.tries.as_str(),
+            connect_ms = self.connect_time.map(millis),
+            sent,
+            received,
+            duration_ms = millis(self.accepted.elapsed()),
+            close = close.keyword(),
+            reason = close.detail(),
+            "access"
+        );
+    }
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_micros() as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tries_list_every_attempt_in_order() {
+        let mut record = AccessRecord::new(true, "l", &"127.0.0.1:1", "u", Instant::now());
+        record.tried("a", TryOutcome::Failed("connection refused".into()));
+        record.tried("b", TryOutcome::Connected);
+        assert_eq!(record.tries, "a failed (connection refused), b connected");
+        assert!(record.connect_time.is_some());
+
+        let mut disabled = AccessRecord::new(false, "l", &"127.0.0.1:1", "u", Instant::now());
+        disabled.tried("a", TryOutcome::Connected);
+        assert_eq!(disabled.tries, "");
+    }
+
+    #[test]
+    fn close_keywords() {
+        let why = "connection reset";
+        assert_eq!(Close::Done.keyword(), "done");
+        assert_eq!(Close::Done.detail(), None);
+        assert_eq!(Close::Idle.keyword(), "idle_timeout");
+        assert_eq!(Close::ClientError(&why).keyword(), "client_error");
+        assert_eq!(
+            Close::UpstreamError(&why).detail().as_deref(),
+            Some("connection reset")
+        );
+        assert_eq!(Close::NoPeer(&why).keyword(), "no_peer");
+    }
+}

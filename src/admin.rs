@@ -1,0 +1,302 @@
+//! The admin HTTP endpoint (SPEC §5): `/metrics`, `/healthz`, `/readyz` and
+//! `/status` on one small hyper server, on TCP or a UNIX socket.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::balancer::PeerState;
+use crate::config::Address;
+use crate::proxy::listener::{bind, BoundSocket};
+use crate::upstream::{SharedUpstream, Upstream};
+
+/// The admin address could not be bound: a start-up failure (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("admin endpoint: cannot listen on {address}: {source}")]
+pub struct AdminBindError {
+    pub address: String,
+    #[source]
+    pub source: io::Error,
+}
+
+/// What the endpoint reports on, shared with the server's start-up and
+/// shutdown code.
+pub struct AdminState {
+    /// Every listener is bound.
+    listening: AtomicBool,
+    draining: AtomicBool,
+    metrics: PrometheusHandle,
+    upstreams: ArcSwap<BTreeMap<String, SharedUpstream>>,
+}
+
+impl AdminState {
+    pub fn new(
+        metrics: PrometheusHandle,
+        upstreams: BTreeMap<String, SharedUpstream>,
+    ) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            metrics,
+            upstreams: ArcSwap::from_pointee(upstreams),
+        })
+    }
+
+    /// Every listener is bound: `/readyz` answers 200 (unless draining).
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown began: `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Replaces the upstream groups reported on (after a reload).
+    pub fn set_upstreams(&self, upstreams: BTreeMap<String, SharedUpstream>) {
+        self.upstreams.store(Arc::new(upstreams));
+    }
+
+    fn ready(&self) -> bool {
+        self.listening.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let mut response = text(StatusCode::OK, self.render_metrics());
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" if self.draining.load(Ordering::SeqCst) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            }
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            "/status" => match serde_json::to_string_pretty(&self.status()) {
+                Ok(mut body) => {
+                    body.push('\n');
+                    let mut response = text(StatusCode::OK, body);
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    response
+                }
+                Err(err) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot encode the status: {err}\n"),
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /healthz, /readyz or /status\n",
+            ),
+        }
+    }
+
+    /// `server_up` depends on time (a failure window expires), so it is
+    /// brought up to date before every render.
+    fn render_metrics(&self) -> String {
+        for shared in self.upstreams.load().values() {
+            let group = shared.load();
+            for (index, peer) in group.peers.iter().enumerate() {
+                peer.stats.refresh_up(group.peer_state(index));
+            }
+        }
+        self.metrics.render()
+    }
+
+    fn status(&self) -> Status {
+        let upstreams = self
+            .upstreams
+            .load()
+            .iter()
+            .map(|(name, shared)| (name.clone(), upstream_status(&shared.load())))
+            .collect();
+        Status {
+            ready: self.ready(),
+            draining: self.draining.load(Ordering::SeqCst),
+            upstreams,
+        }
+    }
+}
+
+/// `/status`.
+#[derive(Debug, Serialize)]
+struct Status {
+    ready: bool,
+    draining: bool,
+    upstreams: BTreeMap<String, UpstreamStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct UpstreamStatus {
+    balance: &'static str,
+    peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct PeerStatus {
+    /// The server's `name`, else its address as written: the metric label.
+    name: String,
+    /// The address connected to.
+    address: String,
+    /// `up`, `failed`, `down`, or `backup` for a backup peer that is up.
+    state: &'static str,
+    backup: bool,
+    weight: u32,
+    max_conns: u32,
+    active: u64,
+    total: u64,
+    failures: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    last_failure_reason: Option<String>,
+    /// RFC 3339, UTC.
+    last_failure_time: Option<String>,
+}
+
+fn upstream_status(group: &Upstream) -> UpstreamStatus {
+    let peers = group
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(index, peer)| {
+            let stats = peer.stats.snapshot();
+            let state = match group.peer_state(index) {
+                PeerState::Down => "down",
+                PeerState::Failed => "failed",
+                PeerState::Up if peer.server.backup => "backup",
+                PeerState::Up => "up",
+            };
+            let (last_failure_reason, last_failure_time) = match stats.last_failure {
+                Some(last) => (
+                    Some(last.reason),
+                    Some(humantime::format_rfc3339_millis(last.at).to_string()),
+                ),
+                None => (None, None),
+            };
+            PeerStatus {
+                name: peer.label.clone(),
+                address: peer.target.to_string(),
+                state,
+                backup: peer.server.backup,
+                weight: peer.server.weight,
+                max_conns: peer.server.max_conns,
+                active: stats.active,
+                total: stats.total,
+                failures: stats.failures,
+                bytes_sent: stats.sent,
+                bytes_received: stats.received,
+                last_failure_reason,
+                last_failure_time,
+            }
+        })
+        .collect();
+    UpstreamStatus {
+        balance: group.balance.name(),
+        peers,
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A request's headers must arrive within this time, so idle or stuck admin
+/// connections do not pile up.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `address` and serves the endpoint in the background for the life of
+/// the process.
+pub async fn serve(address: &Address, state: Arc<AdminState>) -> Result<(), AdminBindError> {
+    let socket = bind("admin", address, 0o660)
+        .await
+        .map_err(|err| AdminBindError {
+            address: err.address,
+            source: err.source,
+        })?;
+    info!(address = %socket.local_addr(), "admin endpoint ready");
+    tokio::spawn(accept_loop(socket, state));
+    Ok(())
+}
+
+async fn accept_loop(socket: BoundSocket, state: Arc<AdminState>) {
+    loop {
+        let stream = match socket.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors, most likely: give connections time to close.
+                warn!(reason = %err, "admin endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = state.answer(&request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(err) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(reason = %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    #[test]
+    fn ready_only_between_listening_and_draining() {
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let state = AdminState::new(handle, BTreeMap::new());
+        assert!(!state.ready());
+        state.set_listening();
+        assert!(state.ready());
+        state.set_draining();
+        assert!(!state.ready());
+        let status = state.status();
+        assert!(status.draining && !status.ready && status.upstreams.is_empty());
+    }
+}

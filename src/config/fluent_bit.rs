@@ -1,0 +1,168 @@
+//! Servers taken from a Fluent Bit Upstream file (SPEC §7): inside an
+//! upstream with `from_fluent_bit`, or as the whole configuration with
+//! `sluice --fluent-bit FILE --bind ADDR`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::RawClientTls;
+use super::{
+    Address, Balance, Config, ConfigError, ListenerConfig, ServerConfig, Source, UpstreamConfig,
+};
+use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
+use crate::tls::ClientTlsSettings;
+
+/// What a `--fluent-bit` configuration uses where a TOML file would say more:
+/// the TOML defaults.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Config {
+    /// The configuration of `sluice --fluent-bit FILE --bind ADDR`: one
+    /// listener on `bind` in front of the file's nodes, balanced round-robin
+    /// as Fluent Bit does; listener and upstream are named after the file's
+    /// `[UPSTREAM] name`. Every other setting takes its TOML default.
+    pub fn from_fluent_bit(file: &Path, bind: &str) -> Result<Config, ConfigError> {
+        let upstream_file = fluentbit::load(file).map_err(config_error)?;
+        let bind: Address = bind.parse().map_err(|message| ConfigError {
+            file: PathBuf::from("--bind"),
+            line: None,
+            message,
+        })?;
+        let servers = servers_from_nodes(&upstream_file, None)?;
+        let name = upstream_file.name;
+        let listener = ListenerConfig {
+            name: name.clone(),
+            bind,
+            upstream: name.clone(),
+            connect_timeout: CONNECT_TIMEOUT,
+            idle_timeout: Some(IDLE_TIMEOUT),
+            next_upstream_tries: 0,
+            next_upstream_timeout: None,
+            unix_mode: 0o660,
+            tls: None,
+            access_log: true,
+        };
+        let upstream = UpstreamConfig {
+            name: name.clone(),
+            balance: Balance::RoundRobin,
+            servers,
+        };
+        Ok(Config {
+            // `--admin ADDR` sets it afterwards, in this mode as in any other.
+            admin: None,
+            shutdown_timeout: SHUTDOWN_TIMEOUT,
+            listeners: vec![listener],
+            upstreams: BTreeMap::from([(name, upstream)]),
+        })
+    }
+}
+
+impl Source<'_> {
+    /// The servers of `from_fluent_bit = "FILE"` (relative to the TOML file's
+    /// directory). An error inside that file names that file and its line.
+    pub(super) fn fluent_bit_servers(
+        &self,
+        upstream: &str,
+        file: Spanned<PathBuf>,
+        group_tls: Option<&Spanned<RawClientTls>>,
+    ) -> Result<Vec<ServerConfig>, ConfigError> {
+        let span = file.span();
+        let path = self.relative(file.into_inner());
+        let upstream_file = fluentbit::load(&path).map_err(|err| {
+            if err.line.is_none() && !path.exists() {
+                // The file itself is missing: point at the key that names it.
+                self.error(
+                    Some(span.clone()),
+                    format!("upstream {upstream:?}: key `from_fluent_bit`: {err}"),
+                )
+            } else {
+                config_error(err)
+            }
+        })?;
+        let group_tls = group_tls.map(|tls| {
+            let tls = tls.get_ref();
+            ClientTlsSettings {
+                verify: tls.verify.unwrap_or(true),
+                server_name: tls.server_name.clone(),
+                ca_file: tls.ca_file.clone().map(|p| self.relative(p)),
+                ca_path: None,
+                cert_file: tls.cert_file.clone().map(|p| self.relative(p)),
+                key_file: tls.key_file.clone().map(|p| self.relative(p)),
+            }
+        });
+        servers_from_nodes(&upstream_file, group_tls.as_ref())
+    }
+}
+
+/// One server per node, in file order. A node's TLS is on only with `tls on`;
+/// `group_tls` (the upstream's `tls` table) fills in the name, CA and client
+/// certificate a node does not set; `tls.verify` is always the node's.
+fn servers_from_nodes(
+    file: &UpstreamFile,
+    group_tls: Option<&ClientTlsSettings>,
+) -> Result<Vec<ServerConfig>, ConfigError> {
+    file.nodes
+        .iter()
+        .map(|node| server_from_node(node, group_tls))
+        .collect()
+}
+
+fn server_from_node(
+    node: &Node,
+    group_tls: Option<&ClientTlsSettings>,
+) -> Result<ServerConfig, ConfigError> {
+    let tls = if node.tls {
+        let group = group_tls.cloned().unwrap_or_default();
+        let settings = ClientTlsSettings {
+            verify: node.tls_verify,
+            server_name: node.tls_vhost.clone().or(group.server_name),
+            ca_file: node.tls_ca_file.clone().or(group.ca_file),
+            ca_path: node.tls_ca_path.clone(),
+            cert_file: node.tls_crt_file.clone().or(group.cert_file),
+            key_file: node.tls_key_file.clone().or(group.key_file),
+        };
+        let problem = match (&settings.cert_file, &settings.key_file) {
+            (Some(_), None) => Some("`tls.crt_file` is given without `tls.key_file`"),
+            (None, Some(_)) => Some("`tls.key_file` is given without `tls.crt_file`"),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            return Err(ConfigError {
+                file: node.file.clone(),
+                line: Some(node.line),
+                message: format!("node {:?}: {problem}", node.name),
+            });
+        }
+        Some(settings)
+    } else {
+        None
+    };
+    Ok(ServerConfig {
+        address: Address::Inet {
+            host: node.host.clone(),
+            port: node.port,
+        },
+        name: Some(node.name.clone()),
+        weight: 1,
+        max_conns: 0,
+        max_fails: 1,
+        fail_timeout: Duration::from_secs(10),
+        backup: false,
+        down: false,
+        tls,
+        plugin_keys: node.extra.clone(),
+    })
+}
+
+fn config_error(err: FluentBitError) -> ConfigError {
+    ConfigError {
+        file: err.file,
+        line: err.line,
+        message: err.message,
+    }
+}
