@@ -118,7 +118,16 @@ pub async fn serve_connection(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+        // Boxed, as is the connect below: their state is large and short-lived,
+        // and left inline it would be part of every connection's task for its
+        // whole life.
+        client = match Box::pin(terminate_tls(
+            acceptor,
+            client,
+            context.config.connect_timeout,
+        ))
+        .await
+        {
             Ok(client) => client,
             Err(reason) => {
                 warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
@@ -127,12 +136,12 @@ pub async fn serve_connection(
             }
         };
     }
-    let (lease, mut upstream_stream) = match connect_upstream(
+    let (lease, mut upstream_stream) = match Box::pin(connect_upstream(
         &context.config,
         &group,
         client_addr,
         &mut access,
-    )
+    ))
     .await
     {
         Ok(connected) => connected,
