@@ -193,6 +193,14 @@ pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), Start
         bound.push((socket, Arc::new(ArcSwap::from_pointee(context))));
     }
 
+    let mut upstream_tasks = Vec::new();
+    for upstream in config.upstreams.values() {
+        upstream_tasks.extend(crate::upstream_task::start(
+            upstream,
+            &upstreams[&upstream.name],
+        ));
+    }
+
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let accept_loops = TaskTracker::new();
@@ -221,6 +229,9 @@ pub async fn run(config: Config, watch: Option<ConfigWatch>) -> Result<(), Start
     // Stop accepting at once, then give open connections shutdown_timeout.
     admin.set_draining();
     stop.cancel();
+    for task in upstream_tasks {
+        task.stop().await;
+    }
     accept_loops.wait().await;
     connections.close();
     info!(open_connections = connections.len(), timeout = %humantime::format_duration(config.shutdown_timeout), "draining");

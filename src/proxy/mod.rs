@@ -2,6 +2,7 @@
 //! retries, relay until done.
 
 pub mod listener;
+pub mod proxy_header;
 pub mod relay;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -14,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +27,7 @@ use crate::config::{Balance, HashKey, ListenerConfig};
 use crate::stats::PeerStats;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
+use proxy_header::Origin;
 use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
 use stream::Stream;
 
@@ -110,6 +113,32 @@ pub async fn serve_connection(
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
+    // The PROXY header comes first on the connection, before any TLS.
+    let local_addr = match &client {
+        Stream::Tcp(stream) => stream.local_addr().ok(),
+        Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
+    };
+    let mut origin = Origin::of_connection(client_addr, local_addr);
+    if context.config.accept_proxy_protocol {
+        match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
+            Ok(carried) => origin = carried,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                AccessRecord::new(
+                    context.config.access_log,
+                    listener,
+                    &client_addr,
+                    upstream,
+                    accepted,
+                )
+                .finish(None, 0, 0, Close::ClientError(&reason));
+                return;
+            }
+        }
+    }
+    // From here on the client is who the PROXY header says it is.
+    let client_addr = origin.client;
+    let proxy_header = origin.header(context.config.proxy_protocol);
     let mut access = AccessRecord::new(
         context.config.access_log,
         listener,
@@ -140,6 +169,7 @@ pub async fn serve_connection(
         &context.config,
         &group,
         client_addr,
+        &proxy_header,
         &mut access,
     ))
     .await
@@ -235,6 +265,7 @@ async fn connect_upstream(
     config: &ListenerConfig,
     group: &Arc<Upstream>,
     client_addr: ClientAddr,
+    proxy_header: &[u8],
     access: &mut AccessRecord<'_>,
 ) -> Result<(Lease, Stream), Unavailable> {
     let started = Instant::now();
@@ -258,21 +289,22 @@ async fn connect_upstream(
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
         // One timeout covers the connect and the TLS handshake.
-        let reason = match tokio::time::timeout(timeout, connect_peer(attempt.peer())).await {
-            Ok(Ok(stream)) => {
-                access.tried(&attempt.peer().label, TryOutcome::Connected);
-                return Ok((attempt.succeeded(), stream));
-            }
-            Ok(Err(err)) => err.to_string(),
-            Err(_) if attempt.peer().tls.is_some() => format!(
-                "connect and TLS handshake timed out after {}",
-                humantime::format_duration(timeout)
-            ),
-            Err(_) => format!(
-                "connect timed out after {}",
-                humantime::format_duration(timeout)
-            ),
-        };
+        let reason =
+            match tokio::time::timeout(timeout, connect_peer(attempt.peer(), proxy_header)).await {
+                Ok(Ok(stream)) => {
+                    access.tried(&attempt.peer().label, TryOutcome::Connected);
+                    return Ok((attempt.succeeded(), stream));
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) if attempt.peer().tls.is_some() => format!(
+                    "connect and TLS handshake timed out after {}",
+                    humantime::format_duration(timeout)
+                ),
+                Err(_) => format!(
+                    "connect timed out after {}",
+                    humantime::format_duration(timeout)
+                ),
+            };
         warn!(
             listener = config.name.as_str(),
             upstream = group.name.as_str(),
@@ -286,9 +318,16 @@ async fn connect_upstream(
     }
 }
 
-/// Connects to the peer and, if it speaks TLS, completes the handshake.
-async fn connect_peer(peer: &Peer) -> io::Result<Stream> {
-    let stream = connect(&peer.target).await?;
+/// Connects to the peer, sends `proxy_header` (if not empty) in the clear,
+/// and, if the peer speaks TLS, completes the handshake. Health checks
+/// connect the same way.
+pub(crate) async fn connect_peer(peer: &Peer, proxy_header: &[u8]) -> io::Result<Stream> {
+    let mut stream = connect(&peer.target).await?;
+    if !proxy_header.is_empty() {
+        stream.write_all(proxy_header).await.map_err(|err| {
+            io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
+        })?;
+    }
     match &peer.tls {
         Some(tls) => originate_tls(tls, stream).await,
         None => Ok(stream),
