@@ -4,6 +4,8 @@
 pub mod listener;
 pub mod proxy_header;
 pub mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod stream;
 
 use std::fmt;
@@ -145,7 +147,16 @@ pub async fn serve_connection(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+        // Boxed, as is the connect below: their state is large and short-lived,
+        // and left inline it would be part of every connection's task for its
+        // whole life.
+        client = match Box::pin(terminate_tls(
+            acceptor,
+            client,
+            context.config.connect_timeout,
+        ))
+        .await
+        {
             Ok(client) => client,
             Err(reason) => {
                 warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
@@ -154,13 +165,13 @@ pub async fn serve_connection(
             }
         };
     }
-    let (lease, mut upstream_stream) = match connect_upstream(
+    let (lease, mut upstream_stream) = match Box::pin(connect_upstream(
         &context.config,
         &group,
         client_addr,
         &proxy_header,
         &mut access,
-    )
+    ))
     .await
     {
         Ok(connected) => connected,
@@ -221,7 +232,7 @@ async fn relay_reporting(
         stats.relayed(sent - reported.0, received - reported.1);
         reported = (sent, received);
     };
-    let relay = relay(client, upstream, idle_timeout, &traffic);
+    let relay = relay_streams(client, upstream, idle_timeout, &traffic);
     tokio::pin!(relay);
     let mut ticker = tokio::time::interval_at(
         Instant::now() + TRAFFIC_REPORT_INTERVAL,
@@ -236,6 +247,21 @@ async fn relay_reporting(
     };
     report(&traffic);
     outcome
+}
+
+/// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
+/// anything else (TLS, other systems) is copied through user-space buffers.
+async fn relay_streams(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    idle_timeout: Option<Duration>,
+    traffic: &Traffic,
+) -> RelayOutcome {
+    #[cfg(target_os = "linux")]
+    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
+        return splice::relay(client, upstream, idle_timeout, traffic).await;
+    }
+    relay(client, upstream, idle_timeout, traffic).await
 }
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
