@@ -19,6 +19,7 @@ use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
 use crate::proxy::ListenerContext;
 use crate::server::warn_unverified_tls;
 use crate::upstream::{SharedUpstream, Upstream};
+use crate::upstream_task::{self, UpstreamTask};
 
 /// A listener that is accepting.
 struct RunningListener {
@@ -30,10 +31,12 @@ struct RunningListener {
     stop: CancellationToken,
 }
 
-/// An upstream group and the configuration it was built from.
+/// An upstream group, the configuration it was built from, and the
+/// background tasks (health checks, DNS re-resolution) working on it.
 struct RunningUpstream {
     config: UpstreamConfig,
     shared: SharedUpstream,
+    tasks: Vec<UpstreamTask>,
 }
 
 /// Everything built from a configuration before it is put in place.
@@ -94,7 +97,7 @@ impl Supervisor {
             connections: TaskTracker::new(),
         };
         let prepared = supervisor.prepare(config).await?;
-        supervisor.commit(prepared);
+        supervisor.commit(prepared).await;
         Ok(supervisor)
     }
 
@@ -102,13 +105,16 @@ impl Supervisor {
     /// running has changed.
     pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, PrepareError> {
         let prepared = self.prepare(config).await?;
-        Ok(self.commit(prepared))
+        Ok(self.commit(prepared).await)
     }
 
     /// Stops accepting on every listener, then waits up to shutdown_timeout
     /// for open connections. Returns how many were still open.
     pub async fn drain(self) -> usize {
         self.stop.cancel();
+        for running in self.upstreams.into_values() {
+            stop_tasks(running.tasks).await;
+        }
         self.accept_loops.close();
         self.accept_loops.wait().await;
         drop(self.listeners);
@@ -206,28 +212,43 @@ impl Supervisor {
 
     /// Puts a prepared configuration in place. Connections already open keep
     /// the context and group build they started with.
-    fn commit(&mut self, prepared: Prepared) -> ReloadSummary {
+    async fn commit(&mut self, prepared: Prepared) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         let mut old_upstreams = std::mem::take(&mut self.upstreams);
         for (name, plan) in prepared.upstreams {
             let config = prepared.config.upstreams[&name].clone();
-            let shared = match (plan, old_upstreams.remove(&name)) {
+            let running = match (plan, old_upstreams.remove(&name)) {
                 (UpstreamPlan::Replace(build), Some(running)) => {
                     summary.note_peers(&running.shared.load(), &build);
                     summary.upstreams_changed.push(name.clone());
+                    // Stopped first: a task of the old configuration must not
+                    // store a build over the new one.
+                    stop_tasks(running.tasks).await;
                     running.shared.store(Arc::new(build));
-                    running.shared
+                    let tasks = upstream_task::start(&config, &running.shared);
+                    RunningUpstream {
+                        config,
+                        shared: running.shared,
+                        tasks,
+                    }
                 }
-                (UpstreamPlan::Keep, Some(running)) => running.shared,
+                (UpstreamPlan::Keep, Some(running)) => running,
                 (UpstreamPlan::New(shared), _) => {
                     summary.upstreams_added.push(name.clone());
-                    shared
+                    let tasks = upstream_task::start(&config, &shared);
+                    RunningUpstream {
+                        config,
+                        shared,
+                        tasks,
+                    }
                 }
                 // prepare() plans Keep and Replace only for running upstreams.
                 (UpstreamPlan::Keep | UpstreamPlan::Replace(_), None) => continue,
             };
-            self.upstreams
-                .insert(name, RunningUpstream { config, shared });
+            self.upstreams.insert(name, running);
+        }
+        for running in old_upstreams.values_mut() {
+            stop_tasks(std::mem::take(&mut running.tasks)).await;
         }
         summary.upstreams_removed.extend(old_upstreams.into_keys());
 
@@ -304,6 +325,12 @@ impl Supervisor {
             .iter()
             .map(|(name, running)| (name.clone(), Arc::clone(&running.shared)))
             .collect()
+    }
+}
+
+async fn stop_tasks(tasks: Vec<UpstreamTask>) {
+    for task in tasks {
+        task.stop().await;
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{algorithm_for, PeerHealth, PeerParams, PeerState, Selector, Tried};
+use crate::balancer::{
+    algorithm_for, PeerHealth, PeerParams, PeerState, RingMember, Selector, Tried,
+};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 use crate::stats::{unavailable_counter, PeerStats};
 use crate::tls::{self, TlsOrigin};
@@ -72,18 +74,42 @@ impl Upstream {
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
     ) -> Result<Upstream, String> {
-        let mut peers = Vec::new();
+        let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
-            let targets = resolve_address(&server.address).await.map_err(|err| {
+            let resolved = if server.resolve {
+                crate::resolver::lookup(&server.address, &config.resolver)
+                    .await
+                    .map(|resolution| resolution.targets)
+            } else {
+                resolve_address(&server.address)
+                    .await
+                    .map_err(|err| err.to_string())
+            };
+            targets.push(resolved.map_err(|err| {
                 format!(
                     "upstream {:?}: cannot resolve server address {}: {err}",
                     config.name, server.address
                 )
-            })?;
+            })?);
+        }
+        Upstream::assemble(config, targets, previous)
+    }
+
+    /// Builds the group from each server's targets (`targets[i]` for
+    /// `config.servers[i]`), reusing the health of peers also in `previous`.
+    pub fn assemble(
+        config: &UpstreamConfig,
+        targets: Vec<Vec<PeerTarget>>,
+        previous: Option<&Upstream>,
+    ) -> Result<Upstream, String> {
+        let mut peers = Vec::new();
+        for (server, targets) in config.servers.iter().zip(targets) {
             let tls = server_tls(&config.name, server)?;
-            let several = targets.len() > 1;
+            // A re-resolved name always labels its peers by address, so a
+            // peer keeps its label (and metrics) as the set grows and shrinks.
+            let by_address = targets.len() > 1 || server.resolve;
             for target in targets {
-                let label = if several {
+                let label = if by_address {
                     format!("{}@{target}", server.label())
                 } else {
                     server.label()
@@ -105,22 +131,46 @@ impl Upstream {
                 peers.push(peer);
             }
         }
-        Upstream::new(config.name.clone(), config.balance.clone(), peers)
+        Ok(Upstream::new(
+            config.name.clone(),
+            config.balance.clone(),
+            peers,
+        ))
     }
 
-    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Result<Upstream, String> {
+    /// The targets this build has for `server`, in order.
+    pub fn targets_of(&self, server: &ServerConfig) -> Vec<PeerTarget> {
+        let mut targets: Vec<PeerTarget> = Vec::new();
+        for peer in self.peers.iter().filter(|peer| peer.server == *server) {
+            if !targets.contains(&peer.target) {
+                targets.push(peer.target.clone());
+            }
+        }
+        targets
+    }
+
+    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Upstream {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
-        let weights: Vec<u32> = params.iter().map(|p| p.weight).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
-        let algorithm =
-            algorithm_for(&balance, &weights).map_err(|err| format!("upstream {name:?}: {err}"))?;
-        Ok(Upstream {
+        // A peer's place on a hash ring follows its address, so it keeps its
+        // keys whatever else is added, removed or renamed.
+        let identities: Vec<String> = peers.iter().map(|peer| peer.target.to_string()).collect();
+        let members: Vec<RingMember<'_>> = identities
+            .iter()
+            .zip(&params)
+            .map(|(identity, params)| RingMember {
+                identity,
+                weight: params.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(&balance, &members);
+        Upstream {
             unavailable: unavailable_counter(&name),
             name,
             balance,
             peers,
             selector: Mutex::new(Selector::new(params, health, algorithm)),
-        })
+        }
     }
 
     /// The selector; the lock is held only for a pick, never across I/O.
@@ -176,6 +226,7 @@ fn peer_params(server: &ServerConfig) -> PeerParams {
         fail_timeout: server.fail_timeout,
         backup: server.backup,
         down: server.down,
+        slow_start: server.slow_start,
     }
 }
 
@@ -252,6 +303,11 @@ pub struct Lease {
 impl Lease {
     pub fn peer(&self) -> &Peer {
         &self.upstream.peers[self.index]
+    }
+
+    /// The peer's position in the group build the lease came from.
+    pub fn index(&self) -> usize {
+        self.index
     }
 }
 

@@ -151,7 +151,7 @@ const UNAVAILABLE: &str = "sluice_upstream_unavailable_total";
 async fn metrics_agree_exactly_with_the_traffic() {
     let a = Backend::tcp("a", Behavior::Echo).await;
     let b = Backend::tcp("b", Behavior::Echo).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let (listen, admin) = (free_addr(), free_addr());
     let b_label = b.addr.to_string();
     let _sluice = Sluice::start(&with_admin(
@@ -263,7 +263,7 @@ async fn long_connections_report_bytes_while_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_closes_are_counted_and_server_up_recovers() {
-    let dead = free_addr();
+    let (dead, dead_socket) = refusing_addr();
     let (listen, admin) = (free_addr(), free_addr());
     let _sluice = Sluice::start(&with_admin(
         config(
@@ -294,6 +294,7 @@ async fn unavailable_closes_are_counted_and_server_up_recovers() {
     );
 
     // The backend comes back; once fail_timeout has passed the peer is up again.
+    drop(dead_socket);
     let revived = Backend::tcp_on(&dead, "revived", Behavior::Echo).await;
     scrape_until(&admin, "server_up back to 1", |s| s.peer(UP, "only") == 1.0).await;
     assert_eq!(peer_status(&status(&admin).await, "only")["state"], "up");
@@ -315,7 +316,7 @@ async fn unavailable_closes_are_counted_and_server_up_recovers() {
 async fn status_shows_failed_down_up_and_backup_peers() {
     let live = Backend::tcp("live", Behavior::Echo).await;
     let spare = Backend::tcp("spare", Behavior::Echo).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let (listen, admin) = (free_addr(), free_addr());
     let _sluice = Sluice::start(&with_admin(
         config(
@@ -472,7 +473,7 @@ fn access_lines(sluice: &Sluice) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_has_a_line_for_success_failover_and_no_peer() {
     let good = Backend::tcp("good", Behavior::Echo).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let listen = free_addr();
     let sluice = Sluice::start(&config(
         &listen,

@@ -71,7 +71,7 @@ async fn backup_is_used_only_when_no_primary_is_eligible() {
     let a = Backend::tcp("a", Behavior::Announce).await;
     let b = Backend::tcp("b", Behavior::Announce).await;
     let spare = Backend::tcp("s", Behavior::Announce).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let listen = free_addr();
     let _sluice = Sluice::start(&config(
         &listen,
@@ -116,7 +116,7 @@ async fn backup_is_used_only_when_no_primary_is_eligible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_peer_is_hidden_by_next_upstream() {
     let alive = Backend::tcp("b", Behavior::Announce).await;
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let listen = free_addr();
     let sluice = Sluice::start(&config(
         &listen,

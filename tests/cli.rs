@@ -211,7 +211,7 @@ async fn address_in_use_exits_2_naming_the_address() {
 async fn json_logs_are_one_object_per_line() {
     let backend = Backend::tcp("a", Behavior::Echo).await;
     let listen = free_addr();
-    let dead = free_addr();
+    let (dead, _dead_socket) = refusing_addr();
     let text = config(
         &listen,
         "",

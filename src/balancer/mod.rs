@@ -5,12 +5,20 @@
 //! max_fails/fail_timeout, backup tier, peers already tried by this client);
 //! an [`Algorithm`] only chooses among the peers it is told are eligible.
 
+mod hash;
+mod least_conn;
+mod random;
 mod round_robin;
+mod slow_start;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use hash::{ConsistentHash, RingMember};
+pub use least_conn::LeastConn;
+pub use random::{Random, RandomTwo};
 pub use round_robin::RoundRobin;
+pub use slow_start::{effective_weight, WEIGHT_SCALE};
 
 use crate::config::Balance;
 
@@ -25,12 +33,14 @@ pub struct PeerParams {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// Zero: no slow start.
+    pub slow_start: Duration,
 }
 
 /// One peer as an algorithm sees it at the moment of a pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerView {
-    pub weight: u32,
+    pub weight: u64,
     pub active: u32,
     pub eligible: bool,
 }
@@ -43,14 +53,14 @@ pub trait Algorithm: Send {
     fn pick(&mut self, peers: &[PeerView], key: &[u8]) -> Option<usize>;
 }
 
-/// Builds the algorithm for a method over peers with these weights.
-pub fn algorithm_for(balance: &Balance, weights: &[u32]) -> Result<Box<dyn Algorithm>, String> {
+/// Builds the algorithm for a method over these peers, in order.
+pub fn algorithm_for(balance: &Balance, peers: &[RingMember<'_>]) -> Box<dyn Algorithm> {
     match balance {
-        Balance::RoundRobin => Ok(Box::new(RoundRobin::new(weights.len()))),
-        other => Err(format!(
-            "balance = \"{}\" is not available in this build",
-            other.name()
-        )),
+        Balance::RoundRobin => Box::new(RoundRobin::new(peers.len())),
+        Balance::LeastConn => Box::new(LeastConn::new(peers.len())),
+        Balance::Random => Box::<Random>::default(),
+        Balance::RandomTwo => Box::<RandomTwo>::default(),
+        Balance::Hash(_) => Box::new(ConsistentHash::new(peers)),
     }
 }
 
@@ -58,6 +68,7 @@ pub fn algorithm_for(balance: &Balance, weights: &[u32]) -> Result<Box<dyn Algor
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerState {
     Up,
+    /// Marked failed by `max_fails`, or unhealthy by active health checks.
     Failed,
     Down,
 }
@@ -71,6 +82,22 @@ struct Health {
     checked: Option<Instant>,
     /// When the last failure happened (nginx `accessed`).
     accessed: Option<Instant>,
+    /// The pick that opened the current window went to a peer marked failed:
+    /// its success is a recovery.
+    probing: bool,
+    /// When the peer last recovered from failure, for slow start.
+    recovered_at: Option<Instant>,
+    /// Active health checks found the peer unhealthy.
+    unhealthy: bool,
+    /// Consecutive failed (or, while unhealthy, passed) health checks.
+    check_streak: u32,
+}
+
+/// A change of a peer's health-check state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckTransition {
+    BecameUnhealthy,
+    BecameHealthy,
 }
 
 /// One peer's live state: active connections and failure accounting. It is
@@ -90,10 +117,20 @@ impl PeerHealth {
     /// A connection attempt succeeded: a failure streak that started before
     /// this attempt's window is forgiven.
     pub fn succeeded(&self) {
+        self.succeeded_at(Instant::now());
+    }
+
+    /// [`PeerHealth::succeeded`] at `now`; a successful probe of a failed
+    /// peer starts its slow start.
+    pub fn succeeded_at(&self, now: Instant) {
         let mut health = self.lock();
         if health.accessed < health.checked {
             health.fails = 0;
+            if health.probing {
+                health.recovered_at = Some(now);
+            }
         }
+        health.probing = false;
     }
 
     /// A connection attempt failed; it is no longer active.
@@ -103,6 +140,7 @@ impl PeerHealth {
         health.fails = health.fails.saturating_add(1);
         health.accessed = Some(now);
         health.checked = Some(now);
+        health.probing = false;
     }
 
     /// A connection (attempted or relayed) ended.
@@ -113,6 +151,50 @@ impl PeerHealth {
 
     pub fn active(&self) -> u32 {
         self.lock().active
+    }
+
+    /// Whether active health checks have taken the peer out of rotation.
+    /// `/status` and `sluice_upstream_server_up` show such a peer as not up:
+    /// [`Selector::state`] reports it as [`PeerState::Failed`].
+    pub fn is_unhealthy(&self) -> bool {
+        self.lock().unhealthy
+    }
+
+    /// Records one health check's result: `fails` consecutive failures make
+    /// a healthy peer unhealthy, `passes` consecutive passes bring an
+    /// unhealthy one back (and start its slow start).
+    pub fn check_result(
+        &self,
+        passed: bool,
+        fails: u32,
+        passes: u32,
+        now: Instant,
+    ) -> Option<CheckTransition> {
+        let mut health = self.lock();
+        // The streak counts results that point away from the current state.
+        if passed == health.unhealthy {
+            health.check_streak = health.check_streak.saturating_add(1);
+        } else {
+            health.check_streak = 0;
+        }
+        if health.unhealthy && health.check_streak >= passes {
+            health.unhealthy = false;
+            health.check_streak = 0;
+            health.recovered_at = Some(now);
+            Some(CheckTransition::BecameHealthy)
+        } else if !health.unhealthy && health.check_streak >= fails {
+            health.unhealthy = true;
+            health.check_streak = 0;
+            Some(CheckTransition::BecameUnhealthy)
+        } else {
+            None
+        }
+    }
+
+    /// When the peer last recovered (a successful probe after being marked
+    /// failed, or a health check bringing it back); `None` if never.
+    pub fn recovered_at(&self) -> Option<Instant> {
+        self.lock().recovered_at
     }
 
     /// Failed attempts counted since the last success.
@@ -191,6 +273,7 @@ impl Selector {
             .checked
             .is_none_or(|checked| now.saturating_duration_since(checked) > params.fail_timeout)
         {
+            health.probing = params.max_fails > 0 && health.fails >= params.max_fails;
             health.checked = Some(now);
         }
         Some(picked)
@@ -211,7 +294,12 @@ impl Selector {
                     params.backup == backup && !tried.contains(index) && self.eligible(index, now);
                 any |= eligible;
                 PeerView {
-                    weight: params.weight,
+                    weight: effective_weight(
+                        params.weight,
+                        params.slow_start,
+                        self.health[index].recovered_at(),
+                        now,
+                    ),
                     active: self.health[index].active(),
                     eligible,
                 }
@@ -228,13 +316,15 @@ impl Selector {
         let params = &self.params[index];
         let health = &self.health[index];
         let full = params.max_conns > 0 && health.active() >= params.max_conns;
-        !(params.down || full || health.is_failed(params, now))
+        !(params.down || full || health.is_unhealthy() || health.is_failed(params, now))
     }
 
     pub fn state(&self, index: usize, now: Instant) -> PeerState {
         if self.params[index].down {
             PeerState::Down
-        } else if self.health[index].is_failed(&self.params[index], now) {
+        } else if self.health[index].is_unhealthy()
+            || self.health[index].is_failed(&self.params[index], now)
+        {
             PeerState::Failed
         } else {
             PeerState::Up
@@ -259,6 +349,7 @@ mod tests {
             fail_timeout: Duration::from_secs(10),
             backup: false,
             down: false,
+            slow_start: Duration::ZERO,
         }
     }
 
@@ -448,5 +539,218 @@ mod tests {
         assert!(tried.contains(130));
         assert!(!tried.contains(2));
         assert!(!tried.contains(1000));
+    }
+}
+
+#[cfg(test)]
+mod method_tests {
+    use super::tests::params;
+    use super::*;
+    use crate::config::HashKey;
+
+    fn selector(balance: &Balance, params: Vec<PeerParams>) -> Selector {
+        let identities: Vec<String> = (0..params.len()).map(|i| format!("10.0.0.{i}:1")).collect();
+        let members: Vec<RingMember<'_>> = identities
+            .iter()
+            .zip(&params)
+            .map(|(identity, p)| RingMember {
+                identity,
+                weight: p.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(balance, &members);
+        let health = params.iter().map(|_| Arc::default()).collect();
+        Selector::new(params, health, algorithm)
+    }
+
+    const METHODS: [Balance; 5] = [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::Random,
+        Balance::RandomTwo,
+        Balance::Hash(HashKey::ClientIp),
+    ];
+
+    #[test]
+    fn every_method_honours_down_max_conns_and_failures() {
+        for balance in &METHODS {
+            let mut down = params(1);
+            down.down = true;
+            let mut limited = params(1);
+            limited.max_conns = 1;
+            let mut selector = selector(balance, vec![down, limited, params(1), params(1)]);
+            let now = Instant::now();
+            // Fill peer 1 and fail peer 2; only peer 3 is left.
+            selector.health(1).lock().active = 1;
+            selector.health(2).failed(now);
+            for n in 0..50u32 {
+                let key = n.to_string();
+                let picked = selector.select(now, &Tried::default(), key.as_bytes());
+                assert_eq!(picked, Some(3), "{}", balance.name());
+                selector.health(3).succeeded();
+                selector.health(3).released();
+            }
+            selector.health(3).failed(now);
+            assert_eq!(
+                selector.select(now, &Tried::default(), b"k"),
+                None,
+                "{}",
+                balance.name()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::tests::params;
+    use super::*;
+
+    fn selector(balance: Balance, params: Vec<PeerParams>) -> Selector {
+        let members: Vec<RingMember<'_>> = params
+            .iter()
+            .map(|p| RingMember {
+                identity: "unused",
+                weight: p.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(&balance, &members);
+        let health = params.iter().map(|_| Arc::default()).collect();
+        Selector::new(params, health, algorithm)
+    }
+
+    /// Fails peer 0 at `start` and lets its probe succeed after fail_timeout;
+    /// returns when it recovered.
+    fn fail_and_recover(selector: &mut Selector, start: Instant) -> Instant {
+        let tried = Tried::default();
+        assert_eq!(selector.select(start, &tried, b""), Some(0));
+        selector.health(0).failed(start);
+        let probe_time = start + Duration::from_secs(11);
+        loop {
+            let index = selector.select(probe_time, &tried, b"").unwrap();
+            if index == 0 {
+                selector.health(0).succeeded_at(probe_time);
+                selector.health(0).released();
+                return probe_time;
+            }
+            selector.health(index).succeeded_at(probe_time);
+            selector.health(index).released();
+        }
+    }
+
+    fn count_picks(selector: &mut Selector, now: Instant, picks: usize) -> usize {
+        (0..picks)
+            .filter(|_| {
+                let index = selector.select(now, &Tried::default(), b"").unwrap();
+                selector.health(index).succeeded_at(now);
+                selector.health(index).released();
+                index == 0
+            })
+            .count()
+    }
+
+    fn slow(seconds: u64) -> PeerParams {
+        let mut params = params(1);
+        params.slow_start = Duration::from_secs(seconds);
+        params
+    }
+
+    #[test]
+    fn round_robin_ramps_a_recovered_peer_up() {
+        let mut selector = selector(Balance::RoundRobin, vec![slow(10), params(1)]);
+        let start = Instant::now();
+        let recovered = fail_and_recover(&mut selector, start);
+        assert_eq!(selector.health(0).recovered_at(), Some(recovered));
+        // Weights 1:1 ramped to 0.25:1, 0.5:1, 1:1; each count is exact up to
+        // the one pick the round-robin state carries from the phase before.
+        for (seconds, picks, expected) in [(2.5, 50, 10), (5.0, 60, 20), (10.0, 60, 30)] {
+            let now = recovered + Duration::from_secs_f64(seconds);
+            let got = count_picks(&mut selector, now, picks);
+            assert!(
+                got.abs_diff(expected) <= 1,
+                "at {seconds}s: {got} of {picks}"
+            );
+        }
+    }
+
+    #[test]
+    fn least_conn_weighs_a_recovering_peer_by_its_ramped_weight() {
+        let mut selector = selector(Balance::LeastConn, vec![slow(20), params(1)]);
+        let recovered = fail_and_recover(&mut selector, Instant::now());
+        // At a quarter of the period the weights are 0.25:1; held connections
+        // pile up 1:4.
+        let now = recovered + Duration::from_secs(5);
+        let mut on_recovered = 0;
+        for _ in 0..10 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            selector.health(index).succeeded_at(now);
+            on_recovered += usize::from(index == 0);
+        }
+        assert_eq!(on_recovered, 2);
+    }
+
+    #[test]
+    fn a_failure_below_max_fails_is_no_recovery() {
+        let mut tolerant = slow(10);
+        tolerant.max_fails = 3;
+        let mut selector = selector(Balance::RoundRobin, vec![tolerant]);
+        let now = Instant::now();
+        let index = selector.select(now, &Tried::default(), b"").unwrap();
+        selector.health(index).failed(now);
+        let later = now + Duration::from_secs(11);
+        let index = selector.select(later, &Tried::default(), b"").unwrap();
+        selector.health(index).succeeded_at(later);
+        assert_eq!(selector.health(0).recovered_at(), None);
+    }
+
+    #[test]
+    fn a_peer_never_failed_has_its_full_weight_at_once() {
+        let mut selector = selector(Balance::RoundRobin, vec![slow(10), params(1)]);
+        assert_eq!(count_picks(&mut selector, Instant::now(), 10), 5);
+    }
+}
+
+#[cfg(test)]
+mod health_check_tests {
+    use super::tests::params;
+    use super::*;
+
+    #[test]
+    fn fails_in_a_row_make_a_peer_unhealthy_and_passes_bring_it_back() {
+        let health = Arc::new(PeerHealth::default());
+        let mut selector = Selector::new(
+            vec![params(1), params(1)],
+            vec![Arc::clone(&health), Arc::default()],
+            Box::new(RoundRobin::new(2)),
+        );
+        let now = Instant::now();
+        // A pass resets the failure streak: 2 fails, a pass, 2 fails is no mark.
+        for passed in [false, false, true, false, false] {
+            assert_eq!(health.check_result(passed, 3, 2, now), None);
+        }
+        assert_eq!(
+            health.check_result(false, 3, 2, now),
+            Some(CheckTransition::BecameUnhealthy)
+        );
+        assert!(health.is_unhealthy());
+        assert_eq!(selector.state(0, now), PeerState::Failed);
+        for _ in 0..4 {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            assert_eq!(index, 1);
+            selector.health(index).released();
+        }
+        // Further failures change nothing; a pass then a failure restarts the count.
+        for passed in [false, true, false, true] {
+            assert_eq!(health.check_result(passed, 3, 2, now), None);
+        }
+        let later = now + Duration::from_secs(1);
+        assert_eq!(
+            health.check_result(true, 3, 2, later),
+            Some(CheckTransition::BecameHealthy)
+        );
+        assert!(!health.is_unhealthy());
+        assert_eq!(health.recovered_at(), Some(later));
+        assert_eq!(selector.state(0, later), PeerState::Up);
+        assert_eq!(selector.select(later, &Tried::default(), b""), Some(0));
     }
 }

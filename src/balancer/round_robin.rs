@@ -24,7 +24,7 @@ impl Algorithm for RoundRobin {
             if !peer.eligible {
                 continue;
             }
-            let weight = i64::from(peer.weight);
+            let weight = i64::try_from(peer.weight).unwrap_or(i64::MAX);
             self.current[index] += weight;
             total += weight;
             if best.is_none_or(|best| self.current[index] > self.current[best]) {
@@ -41,7 +41,7 @@ impl Algorithm for RoundRobin {
 mod tests {
     use super::*;
 
-    fn views(weights: &[u32]) -> Vec<PeerView> {
+    fn views(weights: &[u64]) -> Vec<PeerView> {
         weights
             .iter()
             .map(|&weight| PeerView {
@@ -52,7 +52,7 @@ mod tests {
             .collect()
     }
 
-    fn sequence(weights: &[u32], count: usize) -> String {
+    fn sequence(weights: &[u64], count: usize) -> String {
         let peers = views(weights);
         let mut algorithm = RoundRobin::new(peers.len());
         (0..count)

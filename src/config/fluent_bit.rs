@@ -10,7 +10,8 @@ use toml::Spanned;
 
 use super::raw::RawClientTls;
 use super::{
-    Address, Balance, Config, ConfigError, ListenerConfig, ServerConfig, Source, UpstreamConfig,
+    Address, Balance, Config, ConfigError, ListenerConfig, ProxyProtocol, ServerConfig, Source,
+    UpstreamConfig,
 };
 use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
 use crate::tls::ClientTlsSettings;
@@ -46,11 +47,15 @@ impl Config {
             unix_mode: 0o660,
             tls: None,
             access_log: true,
+            proxy_protocol: ProxyProtocol::Off,
+            accept_proxy_protocol: false,
         };
         let upstream = UpstreamConfig {
             name: name.clone(),
             balance: Balance::RoundRobin,
             servers,
+            health_check: None,
+            resolver: Vec::new(),
         };
         Ok(Config {
             // `--admin ADDR` sets it afterwards, in this mode as in any other.
@@ -154,6 +159,9 @@ fn server_from_node(
         fail_timeout: Duration::from_secs(10),
         backup: false,
         down: false,
+        slow_start: Duration::ZERO,
+        resolve: false,
+        resolve_interval: Duration::from_secs(5),
         tls,
         plugin_keys: node.extra.clone(),
     })

@@ -7,14 +7,15 @@ mod raw;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::Address;
-pub use raw::{Balance, HashKey};
+pub use raw::{Balance, HashKey, ProxyProtocol};
 
-use raw::{RawClientTls, RawConfig, RawListener, RawServer, RawUpstream};
+use raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 use toml::Spanned;
 
 use crate::tls::{ClientTlsSettings, ServerTlsSettings};
@@ -42,6 +43,10 @@ pub struct ListenerConfig {
     /// `None`: no limit on the time all attempts may take together.
     pub next_upstream_timeout: Option<Duration>,
     pub unix_mode: u32,
+    /// Send a PROXY header to the upstream before any client byte.
+    pub proxy_protocol: ProxyProtocol,
+    /// Read and strip a PROXY header from each client first.
+    pub accept_proxy_protocol: bool,
     /// `[listener.tls]`: terminate TLS from clients.
     pub tls: Option<ServerTlsSettings>,
     /// One access-log line per client connection at its close.
@@ -59,6 +64,26 @@ pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<ServerConfig>,
+    /// `None`: no active health checks.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Name servers for `resolve = true` servers; empty: the system's (`/etc/resolv.conf`).
+    pub resolver: Vec<SocketAddr>,
+}
+
+/// `[upstream.NAME.health_check]`: active checks of every peer of the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub interval: Duration,
+    /// For the whole check: connect, send, and the expected reply.
+    pub timeout: Duration,
+    /// Consecutive failed checks that make a peer unhealthy.
+    pub fails: u32,
+    /// Consecutive passed checks that make an unhealthy peer healthy again.
+    pub passes: u32,
+    /// Bytes written after connecting; `None`: a check is a connect.
+    pub send: Option<Vec<u8>>,
+    /// The reply must start with these bytes.
+    pub expect: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +98,12 @@ pub struct ServerConfig {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// Zero: no slow start.
+    pub slow_start: Duration,
+    /// Re-resolve the host name while running.
+    pub resolve: bool,
+    /// How often at most; a shorter record TTL re-resolves sooner.
+    pub resolve_interval: Duration,
     /// TLS origination towards this server; `None`: plain.
     pub tls: Option<ClientTlsSettings>,
     /// Keys of a Fluent Bit node that sluice keeps but does not use
@@ -279,6 +310,8 @@ impl Source<'_> {
                 next_upstream_tries: raw.next_upstream_tries,
                 next_upstream_timeout: non_zero(raw.next_upstream_timeout.0),
                 unix_mode,
+                proxy_protocol: raw.proxy_protocol,
+                accept_proxy_protocol: raw.accept_proxy_protocol,
                 tls: raw.tls.map(|tls| ServerTlsSettings {
                     cert_file: self.relative(tls.cert_file),
                     key_file: self.relative(tls.key_file),
@@ -321,10 +354,71 @@ impl Source<'_> {
         for server in raw.server {
             servers.push(self.validate_server(upstream, &balance, group_tls, server)?);
         }
+        let mut resolver = Vec::new();
+        for entry in raw.resolver.iter().flatten() {
+            let text = entry.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    self.error_at(
+                        entry,
+                        format!("upstream {upstream:?}: key `resolver`: {text:?} is not IP, IP:PORT or [IPv6]:PORT"),
+                    )
+                })?;
+            resolver.push(addr);
+        }
+        let health_check = raw
+            .health_check
+            .map(|check| self.validate_health_check(upstream, check))
+            .transpose()?;
         Ok(UpstreamConfig {
             name: upstream.clone(),
             balance,
             servers,
+            health_check,
+            resolver,
+        })
+    }
+
+    fn validate_health_check(
+        &self,
+        upstream: &str,
+        raw: RawHealthCheck,
+    ) -> Result<HealthCheckConfig, ConfigError> {
+        for (key, value) in [("interval", &raw.interval), ("timeout", &raw.timeout)] {
+            if value.get_ref().0.is_zero() {
+                return Err(self.error_at(
+                    value,
+                    format!(
+                        "upstream {upstream:?}: health_check key `{key}` must be greater than 0"
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [("fails", &raw.fails), ("passes", &raw.passes)] {
+            if *value.get_ref() == 0 {
+                return Err(self.error_at(
+                    value,
+                    format!("upstream {upstream:?}: health_check key `{key}` must be at least 1"),
+                ));
+            }
+        }
+        if let Some(expect) = &raw.expect {
+            if expect.get_ref().is_empty() {
+                return Err(self.error_at(
+                    expect,
+                    format!("upstream {upstream:?}: health_check key `expect` is empty"),
+                ));
+            }
+        }
+        Ok(HealthCheckConfig {
+            interval: raw.interval.into_inner().0,
+            timeout: raw.timeout.into_inner().0,
+            fails: raw.fails.into_inner(),
+            passes: raw.passes.into_inner(),
+            send: raw.send.map(String::into_bytes),
+            expect: raw.expect.map(|expect| expect.into_inner().into_bytes()),
         })
     }
 
@@ -350,6 +444,27 @@ impl Source<'_> {
                 ),
             ));
         }
+        if !raw.slow_start.get_ref().0.is_zero() && !balance.allows_slow_start() {
+            return Err(self.error_at(
+                &raw.slow_start,
+                format!(
+                    "upstream {upstream:?}: key `slow_start` is not allowed with balance = \"{}\"",
+                    balance.name()
+                ),
+            ));
+        }
+        if *raw.resolve.get_ref() && matches!(raw.address, Address::Unix(_)) {
+            return Err(self.error_at(
+                &raw.resolve,
+                format!("upstream {upstream:?}: key `resolve` needs a HOST:PORT address"),
+            ));
+        }
+        if raw.resolve_interval.get_ref().0.is_zero() {
+            return Err(self.error_at(
+                &raw.resolve_interval,
+                format!("upstream {upstream:?}: key `resolve_interval` must be greater than 0"),
+            ));
+        }
         if let Some(name) = &raw.name {
             if name.get_ref().is_empty() {
                 return Err(
@@ -369,6 +484,9 @@ impl Source<'_> {
             fail_timeout: raw.fail_timeout.0,
             backup: raw.backup.into_inner(),
             down: raw.down,
+            slow_start: raw.slow_start.into_inner().0,
+            resolve: raw.resolve.into_inner(),
+            resolve_interval: raw.resolve_interval.into_inner().0,
         })
     }
 
@@ -462,6 +580,8 @@ address = "127.0.0.1:7001"
         assert_eq!(listener.idle_timeout, Some(Duration::from_secs(600)));
         assert_eq!(listener.next_upstream_tries, 0);
         assert_eq!(listener.next_upstream_timeout, None);
+        assert_eq!(listener.proxy_protocol, ProxyProtocol::Off);
+        assert!(!listener.accept_proxy_protocol);
         let server = &config.upstreams["u"].servers[0];
         assert_eq!(
             (server.weight, server.max_conns, server.max_fails),
@@ -469,6 +589,10 @@ address = "127.0.0.1:7001"
         );
         assert_eq!(server.fail_timeout, Duration::from_secs(10));
         assert!(!server.backup && !server.down);
+        assert_eq!(server.slow_start, Duration::ZERO);
+        assert!(!server.resolve);
+        assert_eq!(server.resolve_interval, Duration::from_secs(5));
+        assert!(config.upstreams["u"].resolver.is_empty());
         assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
         assert_eq!(config.admin, None);
         assert!(listener.access_log);
@@ -559,6 +683,125 @@ address = "127.0.0.1:7001"
         assert_eq!(err.line, Some(11));
         assert!(err.message.contains("backup"), "{err}");
         assert!(err.message.contains("hash"), "{err}");
+    }
+
+    #[test]
+    fn slow_start_only_with_round_robin_and_least_conn() {
+        let with = |balance: &str| {
+            parse(
+                &(MINIMAL.replace(
+                    "[upstream.u]",
+                    &format!("[upstream.u]\nbalance = \"{balance}\""),
+                ) + "slow_start = \"30s\"\n"),
+            )
+        };
+        for balance in ["round_robin", "least_conn"] {
+            let config = with(balance).unwrap();
+            assert_eq!(
+                config.upstreams["u"].servers[0].slow_start,
+                Duration::from_secs(30)
+            );
+        }
+        for balance in ["random", "random_two", "hash"] {
+            let err = with(balance).unwrap_err();
+            assert_eq!(err.line, Some(11), "{err}");
+            assert!(err.message.contains("slow_start"), "{err}");
+            assert!(err.message.contains(balance), "{err}");
+        }
+    }
+
+    #[test]
+    fn proxy_protocol_versions() {
+        let with = |extra: &str| {
+            parse(&MINIMAL.replace("upstream = \"u\"", &format!("upstream = \"u\"\n{extra}")))
+        };
+        for (text, version) in [
+            ("off", ProxyProtocol::Off),
+            ("v1", ProxyProtocol::V1),
+            ("v2", ProxyProtocol::V2),
+        ] {
+            let config = with(&format!("proxy_protocol = \"{text}\"")).unwrap();
+            assert_eq!(config.listeners[0].proxy_protocol, version);
+        }
+        let err = with("proxy_protocol = \"v3\"").unwrap_err();
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("v3"), "{err}");
+        let config = with("accept_proxy_protocol = true").unwrap();
+        assert!(config.listeners[0].accept_proxy_protocol);
+    }
+
+    #[test]
+    fn health_check_defaults_and_limits() {
+        assert_eq!(parse(MINIMAL).unwrap().upstreams["u"].health_check, None);
+        let with = |body: &str| parse(&format!("{MINIMAL}\n[upstream.u.health_check]\n{body}"));
+        let check = with("").unwrap().upstreams["u"]
+            .health_check
+            .clone()
+            .unwrap();
+        assert_eq!(
+            check,
+            HealthCheckConfig {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(1),
+                fails: 3,
+                passes: 2,
+                send: None,
+                expect: None,
+            }
+        );
+        let check = with("send = \"version\\r\\n\"\nexpect = \"VERSION\"")
+            .unwrap()
+            .upstreams["u"]
+            .health_check
+            .clone()
+            .unwrap();
+        assert_eq!(check.send.as_deref(), Some(&b"version\r\n"[..]));
+        assert_eq!(check.expect.as_deref(), Some(&b"VERSION"[..]));
+        for (body, key) in [
+            ("interval = \"0s\"", "interval"),
+            ("timeout = \"0s\"", "timeout"),
+            ("fails = 0", "fails"),
+            ("passes = 0", "passes"),
+            ("expect = \"\"", "expect"),
+            ("port = 1", "port"),
+        ] {
+            let err = with(body).unwrap_err();
+            assert_eq!(err.line, Some(12), "{err}");
+            assert!(err.message.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn resolve_keys() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nresolver = [\"127.0.0.1:5353\", \"10.0.0.10\", \"[::1]:53\"]",
+        ) + "resolve = true\nresolve_interval = \"1m\"\n";
+        let config = parse(&text).unwrap();
+        let upstream = &config.upstreams["u"];
+        assert_eq!(
+            upstream.resolver,
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.10:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert!(upstream.servers[0].resolve);
+        assert_eq!(
+            upstream.servers[0].resolve_interval,
+            Duration::from_secs(60)
+        );
+
+        let err =
+            error_of(&MINIMAL.replace("[upstream.u]", "[upstream.u]\nresolver = [\"dns.local\"]"));
+        assert_eq!(err.line, Some(8), "{err}");
+        assert!(err.message.contains("resolver"), "{err}");
+        let err =
+            error_of(&(MINIMAL.replace("127.0.0.1:7001", "unix:/tmp/u.sock") + "resolve = true\n"));
+        assert!(err.message.contains("resolve"), "{err}");
+        let err = error_of(&(MINIMAL.to_owned() + "resolve_interval = \"0s\"\n"));
+        assert!(err.message.contains("resolve_interval"), "{err}");
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::zero")]
     pub next_upstream_timeout: DurationValue,
     pub unix_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
     #[serde(default = "defaults::yes")]
     pub access_log: bool,
     pub tls: Option<RawListenerTls>,
@@ -80,6 +84,23 @@ pub(super) struct RawUpstream {
     pub tls: Option<Spanned<RawClientTls>>,
     #[serde(default)]
     pub server: Vec<RawServer>,
+    pub health_check: Option<RawHealthCheck>,
+    pub resolver: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    #[serde(default = "defaults::check_interval")]
+    pub interval: Spanned<DurationValue>,
+    #[serde(default = "defaults::check_timeout")]
+    pub timeout: Spanned<DurationValue>,
+    #[serde(default = "defaults::check_fails")]
+    pub fails: Spanned<u32>,
+    #[serde(default = "defaults::check_passes")]
+    pub passes: Spanned<u32>,
+    pub send: Option<String>,
+    pub expect: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +120,12 @@ pub(super) struct RawServer {
     pub backup: Spanned<bool>,
     #[serde(default)]
     pub down: bool,
+    #[serde(default = "defaults::zero_spanned")]
+    pub slow_start: Spanned<DurationValue>,
+    #[serde(default = "defaults::no")]
+    pub resolve: Spanned<bool>,
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: Spanned<DurationValue>,
     pub tls: Option<Spanned<RawClientTls>>,
 }
 
@@ -128,6 +155,11 @@ impl Balance {
     pub fn allows_backup(&self) -> bool {
         matches!(self, Balance::RoundRobin | Balance::LeastConn)
     }
+
+    /// Only the weighted rotating methods can ramp a weight (as in nginx Plus).
+    pub fn allows_slow_start(&self) -> bool {
+        matches!(self, Balance::RoundRobin | Balance::LeastConn)
+    }
 }
 
 impl<'de> Deserialize<'de> for Balance {
@@ -143,6 +175,16 @@ impl<'de> Deserialize<'de> for Balance {
             _ => return Err(de::Error::unknown_variant(&text, METHODS)),
         })
     }
+}
+
+/// Whether a listener sends a PROXY protocol header to the upstream, and which version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
 }
 
 /// What `balance = "hash"` hashes.
@@ -185,6 +227,9 @@ mod defaults {
     pub fn zero() -> DurationValue {
         DurationValue(Duration::ZERO)
     }
+    pub fn zero_spanned() -> Spanned<DurationValue> {
+        spanned(zero())
+    }
     pub fn balance() -> Spanned<Balance> {
         spanned(Balance::RoundRobin)
     }
@@ -196,6 +241,21 @@ mod defaults {
     }
     pub fn fail_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(10))
+    }
+    pub fn check_interval() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(5)))
+    }
+    pub fn check_timeout() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(1)))
+    }
+    pub fn check_fails() -> Spanned<u32> {
+        spanned(3)
+    }
+    pub fn check_passes() -> Spanned<u32> {
+        spanned(2)
+    }
+    pub fn resolve_interval() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(5)))
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)

@@ -2,7 +2,10 @@
 //! retries, relay until done.
 
 pub mod listener;
+pub mod proxy_header;
 pub mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod stream;
 
 use std::fmt;
@@ -12,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -23,6 +27,7 @@ use crate::config::{Balance, HashKey, ListenerConfig};
 use crate::stats::PeerStats;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
+use proxy_header::Origin;
 use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
 use stream::Stream;
 
@@ -111,6 +116,32 @@ pub async fn serve_connection(
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
+    // The PROXY header comes first on the connection, before any TLS.
+    let local_addr = match &client {
+        Stream::Tcp(stream) => stream.local_addr().ok(),
+        Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
+    };
+    let mut origin = Origin::of_connection(client_addr, local_addr);
+    if context.config.accept_proxy_protocol {
+        match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
+            Ok(carried) => origin = carried,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                AccessRecord::new(
+                    context.config.access_log,
+                    listener,
+                    &client_addr,
+                    upstream,
+                    accepted,
+                )
+                .finish(None, 0, 0, Close::ClientError(&reason));
+                return;
+            }
+        }
+    }
+    // From here on the client is who the PROXY header says it is.
+    let client_addr = origin.client;
+    let proxy_header = origin.header(context.config.proxy_protocol);
     let mut access = AccessRecord::new(
         context.config.access_log,
         listener,
@@ -119,7 +150,16 @@ pub async fn serve_connection(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+        // Boxed, as is the connect below: their state is large and short-lived,
+        // and left inline it would be part of every connection's task for its
+        // whole life.
+        client = match Box::pin(terminate_tls(
+            acceptor,
+            client,
+            context.config.connect_timeout,
+        ))
+        .await
+        {
             Ok(client) => client,
             Err(reason) => {
                 warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
@@ -128,12 +168,13 @@ pub async fn serve_connection(
             }
         };
     }
-    let (lease, mut upstream_stream) = match connect_upstream(
+    let (lease, mut upstream_stream) = match Box::pin(connect_upstream(
         &context.config,
         &group,
         client_addr,
+        &proxy_header,
         &mut access,
-    )
+    ))
     .await
     {
         Ok(connected) => connected,
@@ -145,16 +186,20 @@ pub async fn serve_connection(
             return;
         }
     };
-    let peer = lease.peer().label.as_str();
+    // The lease came from `group`, so its index names the same peer there.
+    let peer = &group.peers[lease.index()];
     #[cfg(debug_assertions)]
-    test_hooks::panic_if_asked(peer);
+    test_hooks::panic_if_asked(&peer.label);
     let outcome = relay_reporting(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
-        &lease.peer().stats,
+        &peer.stats,
     )
     .await;
+    // Free the peer before reporting, so whoever reads the report sees it free.
+    drop(lease);
+    let peer = peer.label.as_str();
     let (sent, received) = (outcome.sent, outcome.received);
     let close = match &outcome.end {
         RelayEnd::Done => Close::Done,
@@ -192,7 +237,7 @@ async fn relay_reporting(
         stats.relayed(sent - reported.0, received - reported.1);
         reported = (sent, received);
     };
-    let relay = relay(client, upstream, idle_timeout, &traffic);
+    let relay = relay_streams(client, upstream, idle_timeout, &traffic);
     tokio::pin!(relay);
     let mut ticker = tokio::time::interval_at(
         Instant::now() + TRAFFIC_REPORT_INTERVAL,
@@ -209,11 +254,27 @@ async fn relay_reporting(
     outcome
 }
 
+/// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
+/// anything else (TLS, other systems) is copied through user-space buffers.
+async fn relay_streams(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    idle_timeout: Option<Duration>,
+    traffic: &Traffic,
+) -> RelayOutcome {
+    #[cfg(target_os = "linux")]
+    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
+        return splice::relay(client, upstream, idle_timeout, traffic).await;
+    }
+    relay(client, upstream, idle_timeout, traffic).await
+}
+
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
 async fn connect_upstream(
     config: &ListenerConfig,
     group: &Arc<Upstream>,
     client_addr: ClientAddr,
+    proxy_header: &[u8],
     access: &mut AccessRecord<'_>,
 ) -> Result<(Lease, Stream), Unavailable> {
     let started = Instant::now();
@@ -237,7 +298,7 @@ async fn connect_upstream(
             .ok_or(Unavailable::NoEligiblePeer)?;
         attempts += 1;
         // One timeout covers the connect and the TLS handshake.
-        let reason = match connect_within(timeout, attempt.peer()).await {
+        let reason = match connect_within(timeout, attempt.peer(), proxy_header).await {
             Connected::Stream(stream) => {
                 access.tried(&attempt.peer().label, TryOutcome::Connected);
                 return Ok((attempt.succeeded(), stream));
@@ -268,9 +329,16 @@ async fn connect_upstream(
     }
 }
 
-/// Connects to the peer and, if it speaks TLS, completes the handshake.
-async fn connect_peer(peer: &Peer) -> io::Result<Stream> {
-    let stream = connect(&peer.target).await?;
+/// Connects to the peer, sends `proxy_header` (if not empty) in the clear,
+/// and, if the peer speaks TLS, completes the handshake. Health checks
+/// connect the same way.
+pub(crate) async fn connect_peer(peer: &Peer, proxy_header: &[u8]) -> io::Result<Stream> {
+    let mut stream = connect(&peer.target).await?;
+    if !proxy_header.is_empty() {
+        stream.write_all(proxy_header).await.map_err(|err| {
+            io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
+        })?;
+    }
     match &peer.tls {
         Some(tls) => originate_tls(tls, stream).await,
         None => Ok(stream),
@@ -313,13 +381,13 @@ enum Connected {
 
 /// Connects within `timeout`. When sluice is out of descriptors it waits for
 /// one to free up rather than turning away a client it has already accepted.
-async fn connect_within(timeout: Duration, peer: &Peer) -> Connected {
+async fn connect_within(timeout: Duration, peer: &Peer, proxy_header: &[u8]) -> Connected {
     let mut local_error = None;
     let outcome = tokio::time::timeout(timeout, async {
         let mut pause = Duration::from_millis(5);
         loop {
             local_error = None;
-            match connect_peer(peer).await {
+            match connect_peer(peer, proxy_header).await {
                 Err(err) if is_local_resource_error(&err) => {
                     local_error = Some(err);
                     tokio::time::sleep(pause).await;

@@ -62,10 +62,9 @@ struct HalfDuplex {
     end: usize,
     read_done: bool,
     need_flush: bool,
-    done: bool,
 }
 
-enum CopyError {
+pub(super) enum CopyError {
     Read(io::Error),
     Write(io::Error),
 }
@@ -78,7 +77,6 @@ impl HalfDuplex {
             end: 0,
             read_done: false,
             need_flush: false,
-            done: false,
         }
     }
 
@@ -156,20 +154,53 @@ where
 {
     let mut to_upstream = HalfDuplex::new();
     let mut to_client = HalfDuplex::new();
+    let end = drive(idle_timeout, |cx, direction, progressed| match direction {
+        Direction::ToUpstream => to_upstream.poll_copy(
+            cx,
+            Pin::new(&mut *client),
+            Pin::new(&mut *upstream),
+            &traffic.sent,
+            progressed,
+        ),
+        Direction::ToClient => to_client.poll_copy(
+            cx,
+            Pin::new(&mut *upstream),
+            Pin::new(&mut *client),
+            &traffic.received,
+            progressed,
+        ),
+    })
+    .await;
+    RelayOutcome {
+        sent: traffic.sent.load(Ordering::Relaxed),
+        received: traffic.received.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
+/// Polls both directions until both are done, one fails, or nothing moves
+/// for `idle_timeout`. A direction reports whether it moved a byte through
+/// its `progressed` flag.
+pub(super) async fn drive<P>(idle_timeout: Option<Duration>, mut poll_direction: P) -> RelayEnd
+where
+    P: FnMut(&mut Context<'_>, Direction, &mut bool) -> Poll<Result<(), CopyError>>,
+{
+    let mut upstream_done = false;
+    let mut client_done = false;
     let mut idle_timer = idle_timeout.map(|timeout| (timeout, Box::pin(sleep(timeout))));
     let mut last_progress = Instant::now();
 
-    let end = poll_fn(|cx| {
+    poll_fn(|cx| {
         let mut progressed = false;
-        if !to_upstream.done {
-            match to_upstream.poll_copy(
-                cx,
-                Pin::new(&mut *client),
-                Pin::new(&mut *upstream),
-                &traffic.sent,
-                &mut progressed,
-            ) {
-                Poll::Ready(Ok(())) => to_upstream.done = true,
+        if !upstream_done {
+            match poll_direction(cx, Direction::ToUpstream, &mut progressed) {
+                Poll::Ready(Ok(())) => upstream_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Client, err))
                 }
@@ -179,15 +210,9 @@ where
                 Poll::Pending => {}
             }
         }
-        if !to_client.done {
-            match to_client.poll_copy(
-                cx,
-                Pin::new(&mut *upstream),
-                Pin::new(&mut *client),
-                &traffic.received,
-                &mut progressed,
-            ) {
-                Poll::Ready(Ok(())) => to_client.done = true,
+        if !client_done {
+            match poll_direction(cx, Direction::ToClient, &mut progressed) {
+                Poll::Ready(Ok(())) => client_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
                 }
@@ -197,7 +222,7 @@ where
                 Poll::Pending => {}
             }
         }
-        if to_upstream.done && to_client.done {
+        if upstream_done && client_done {
             return Poll::Ready(RelayEnd::Done);
         }
         if let Some((timeout, timer)) = idle_timer.as_mut() {
@@ -215,11 +240,5 @@ where
         }
         Poll::Pending
     })
-    .await;
-
-    RelayOutcome {
-        sent: traffic.sent.load(Ordering::Relaxed),
-        received: traffic.received.load(Ordering::Relaxed),
-        end,
-    }
+    .await
 }

@@ -2,10 +2,13 @@
 //! connect logic are written once.
 
 use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
@@ -54,5 +57,66 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, stream => Pin::new(stream).poll_shutdown(cx))
+    }
+}
+
+impl Stream {
+    /// The socket itself when bytes may bypass user space (no TLS layer):
+    /// the relay can then splice them inside the kernel.
+    pub fn plain_socket(&self) -> Option<PlainSocket<'_>> {
+        match self {
+            Stream::Tcp(stream) => Some(PlainSocket::Tcp(stream)),
+            Stream::Unix(stream) => Some(PlainSocket::Unix(stream)),
+            Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
+        }
+    }
+}
+
+/// A borrowed plaintext socket, driven by readiness rather than by reads
+/// into a buffer.
+#[derive(Clone, Copy)]
+pub enum PlainSocket<'a> {
+    Tcp(&'a TcpStream),
+    Unix(&'a UnixStream),
+}
+
+impl PlainSocket<'_> {
+    pub fn poll_ready(&self, cx: &mut Context<'_>, interest: Interest) -> Poll<io::Result<()>> {
+        match (self, interest.is_readable()) {
+            (PlainSocket::Tcp(stream), true) => stream.poll_read_ready(cx),
+            (PlainSocket::Tcp(stream), false) => stream.poll_write_ready(cx),
+            (PlainSocket::Unix(stream), true) => stream.poll_read_ready(cx),
+            (PlainSocket::Unix(stream), false) => stream.poll_write_ready(cx),
+        }
+    }
+
+    /// Runs a non-blocking operation on the socket; a `WouldBlock` from it
+    /// clears the readiness so the next `poll_ready` waits for the OS.
+    pub fn try_io<R>(
+        &self,
+        interest: Interest,
+        operation: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        match self {
+            PlainSocket::Tcp(stream) => stream.try_io(interest, operation),
+            PlainSocket::Unix(stream) => stream.try_io(interest, operation),
+        }
+    }
+
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        let socket = match self {
+            PlainSocket::Tcp(stream) => SockRef::from(*stream),
+            PlainSocket::Unix(stream) => SockRef::from(*stream),
+        };
+        socket.shutdown(Shutdown::Write)
+    }
+}
+
+impl AsRawFd for PlainSocket<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            PlainSocket::Tcp(stream) => stream.as_raw_fd(),
+            PlainSocket::Unix(stream) => stream.as_raw_fd(),
+        }
     }
 }

@@ -26,6 +26,17 @@ pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+/// An address that refuses connections while the returned socket lives: it
+/// is bound but never listens, so no other process can take the port meanwhile
+/// (a released "free" port can be reused by parallel tests and answer).
+pub fn refusing_addr() -> (String, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (addr.to_string(), socket)
+}
+
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -1,0 +1,297 @@
+//! The relay for plaintext socket pairs on Linux. Bulk data is spliced
+//! socket → pipe → socket inside the kernel, never passing through user
+//! memory; small messages are copied through a buffer, which costs the same
+//! two system calls without a pipe. Buffers and pipes come from per-thread
+//! pools only while bytes are in flight and go back once drained: an idle
+//! connection holds neither.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::Interest;
+
+use super::relay::{drive, CopyError, Direction, RelayOutcome, Traffic};
+use super::stream::PlainSocket;
+
+/// Bytes asked for per splice from a socket; the kernel moves at most what
+/// the pipe holds (64 KiB by default), which bounds memory per direction.
+const SPLICE_CHUNK: usize = 1 << 20;
+
+/// Empty pipes, and buffers, kept per worker thread for the next
+/// connection with data.
+const POOL_PER_THREAD: usize = 64;
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = POOL.with(|pool| pool.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Pipe { read, write })
+    }
+
+    /// Only an empty pipe may go back: the next user must not see old bytes.
+    fn give_back(self) {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_PER_THREAD {
+                pool.push(self);
+            }
+        });
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call; null
+    // offsets mean "current position", as required for pipes and sockets.
+    let moved = unsafe {
+        libc::splice(
+            from,
+            ptr::null_mut(),
+            to,
+            ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if moved < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(moved as usize)
+    }
+}
+
+/// Bytes read per copy. A read that fills the whole buffer marks a bulk
+/// transfer, which the direction then splices.
+const BUFFER_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+}
+
+fn give_back_buffer(buffer: Box<[u8]>) {
+    BUFFERS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(buffer);
+        }
+    });
+}
+
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length; `fd` is open.
+    let read = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if read < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(read as usize)
+    }
+}
+
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length; `fd` is open.
+    let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}
+
+/// One direction: small messages are copied through a buffer (one read and
+/// one write each); once a read fills the buffer the direction carries bulk
+/// data and splices socket → pipe → socket from then on. The buffer or pipe
+/// is held only while bytes are in flight. After the reader's end of stream
+/// the writer's write half is shut down.
+#[derive(Default)]
+struct PlainHalf {
+    buffer: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    bulk: bool,
+    read_done: bool,
+}
+
+impl PlainHalf {
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: PlainSocket<'_>,
+        to: PlainSocket<'_>,
+        bytes: &AtomicU64,
+        progressed: &mut bool,
+    ) -> Poll<Result<(), CopyError>> {
+        loop {
+            if self.start == self.end && self.in_pipe == 0 && !self.read_done {
+                ready!(from.poll_ready(cx, Interest::READABLE)).map_err(CopyError::Read)?;
+                let moved = if self.bulk {
+                    self.splice_in(from)
+                } else {
+                    self.read_in(from)
+                };
+                match moved {
+                    Ok(Some(0)) => self.read_done = true,
+                    Ok(Some(_)) => *progressed = true,
+                    Ok(None) => {}
+                    Err(err) => return Poll::Ready(Err(CopyError::Read(err))),
+                }
+            }
+            while self.start < self.end {
+                ready!(to.poll_ready(cx, Interest::WRITABLE)).map_err(CopyError::Write)?;
+                let Some(buffer) = self.buffer.as_ref() else {
+                    break;
+                };
+                let pending = &buffer[self.start..self.end];
+                match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), pending)) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())))
+                    }
+                    Ok(sent) => {
+                        self.start += sent;
+                        bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                        *progressed = true;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(CopyError::Write(err))),
+                }
+            }
+            while self.in_pipe > 0 {
+                ready!(to.poll_ready(cx, Interest::WRITABLE)).map_err(CopyError::Write)?;
+                let Some(pipe) = self.pipe.as_ref() else {
+                    break;
+                };
+                let pipe_out = pipe.read.as_raw_fd();
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe_out, to.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())))
+                    }
+                    Ok(moved) => {
+                        self.in_pipe -= moved;
+                        bytes.fetch_add(moved as u64, Ordering::Relaxed);
+                        *progressed = true;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(CopyError::Write(err))),
+                }
+            }
+            // Drained: an idle connection keeps neither buffer nor pipe.
+            if let Some(buffer) = self.buffer.take() {
+                give_back_buffer(buffer);
+            }
+            if let Some(pipe) = self.pipe.take() {
+                pipe.give_back();
+            }
+            if self.read_done {
+                to.shutdown_write().map_err(CopyError::Write)?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Reads into the buffer: `Some(0)` at end of stream, `None` when the
+    /// readiness was stale.
+    fn read_in(&mut self, from: PlainSocket<'_>) -> io::Result<Option<usize>> {
+        let buffer = self.buffer.get_or_insert_with(take_buffer);
+        let mut short_read = None;
+        let result = from.try_io(Interest::READABLE, || {
+            let read = recv(from.as_raw_fd(), buffer)?;
+            if read > 0 && read < buffer.len() {
+                // A stream socket returns less than asked only once its
+                // queue is empty: report WouldBlock so the readiness is
+                // cleared now instead of by one more read failing with
+                // EAGAIN (tokio keeps an event that arrived meanwhile).
+                short_read = Some(read);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(read)
+        });
+        let read = match (result, short_read) {
+            (_, Some(read)) => read,
+            (Ok(read), None) => read,
+            (Err(err), None) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            (Err(err), None) => return Err(err),
+        };
+        self.start = 0;
+        self.end = read;
+        self.bulk = read == BUFFER_SIZE;
+        Ok(Some(read))
+    }
+
+    /// Splices into the pipe: `Some(0)` at end of stream, `None` when the
+    /// readiness was stale.
+    fn splice_in(&mut self, from: PlainSocket<'_>) -> io::Result<Option<usize>> {
+        let pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => Pipe::take()?,
+        };
+        let pipe_in = pipe.write.as_raw_fd();
+        self.pipe = Some(pipe);
+        match from.try_io(Interest::READABLE, || {
+            splice(from.as_raw_fd(), pipe_in, SPLICE_CHUNK)
+        }) {
+            Ok(moved) => {
+                self.in_pipe = moved;
+                Ok(Some(moved))
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Relays between two plaintext sockets with the same semantics as
+/// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
+/// counts in `traffic`.
+pub async fn relay(
+    client: PlainSocket<'_>,
+    upstream: PlainSocket<'_>,
+    idle_timeout: Option<Duration>,
+    traffic: &Traffic,
+) -> RelayOutcome {
+    let mut to_upstream = PlainHalf::default();
+    let mut to_client = PlainHalf::default();
+    let end = drive(idle_timeout, |cx, direction, progressed| match direction {
+        Direction::ToUpstream => {
+            to_upstream.poll_move(cx, client, upstream, &traffic.sent, progressed)
+        }
+        Direction::ToClient => {
+            to_client.poll_move(cx, upstream, client, &traffic.received, progressed)
+        }
+    })
+    .await;
+    RelayOutcome {
+        sent: traffic.sent.load(Ordering::Relaxed),
+        received: traffic.received.load(Ordering::Relaxed),
+        end,
+    }
+}
