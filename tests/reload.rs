@@ -375,3 +375,31 @@ async fn the_admin_endpoint_shows_the_reloaded_groups() {
     a.finish().await;
     b.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stops_the_background_tasks_of_the_old_group() {
+    let backend = Backend::tcp("checked", Behavior::Echo).await;
+    let listen = free_addr();
+    let servers = [server(backend.addr, "")];
+    let checked = config(
+        &listen,
+        "",
+        "[upstream.pool.health_check]\ninterval = \"50ms\"\ntimeout = \"1s\"",
+        &servers,
+    );
+    let sluice = Sluice::start(&checked).await;
+    assert!(wait_until(Duration::from_secs(5), || backend.accepted() >= 3).await);
+
+    let outcome = reload(&sluice, &config(&listen, "", "", &servers)).await;
+    assert!(outcome.contains("upstreams changed: pool"), "{outcome}");
+    // Checking is asynchronous: one round may have been under way.
+    let after_reload = backend.accepted() + 1;
+    // Absence over a window: a leaked task would check every 50 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        backend.accepted() <= after_reload,
+        "health checks went on after the reload"
+    );
+    echo_once(&listen, b"still relayed").await;
+    backend.finish().await;
+}
