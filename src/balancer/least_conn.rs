@@ -2,17 +2,17 @@
 //! to its weight; ties are broken by smooth weighted round-robin among the
 //! tied peers.
 
-use super::{Algorithm, PeerView};
+use super::{Algorithm, PeerView, RoundRobin};
 
 pub struct LeastConn {
-    /// Smooth round-robin state, used only among tied peers.
-    current: Vec<i64>,
+    /// Breaks ties: only the tied peers are eligible in the views it sees.
+    tie_break: RoundRobin,
 }
 
 impl LeastConn {
     pub fn new(peers: usize) -> Self {
         LeastConn {
-            current: vec![0; peers],
+            tie_break: RoundRobin::new(peers),
         }
     }
 }
@@ -28,7 +28,7 @@ fn equally_loaded(a: &PeerView, b: &PeerView) -> bool {
 }
 
 impl Algorithm for LeastConn {
-    fn pick(&mut self, peers: &[PeerView], _key: &[u8]) -> Option<usize> {
+    fn pick(&mut self, peers: &[PeerView], key: &[u8]) -> Option<usize> {
         let mut least: Option<usize> = None;
         let mut tied = 0;
         for (index, peer) in peers.iter().enumerate() {
@@ -48,22 +48,14 @@ impl Algorithm for LeastConn {
         if tied == 1 {
             return Some(least);
         }
-        let mut total: i64 = 0;
-        let mut best: Option<usize> = None;
-        for (index, peer) in peers.iter().enumerate().skip(least) {
-            if !peer.eligible || !equally_loaded(peer, &peers[least]) {
-                continue;
-            }
-            let weight = i64::try_from(peer.weight).unwrap_or(i64::MAX);
-            self.current[index] = self.current[index].saturating_add(weight);
-            total = total.saturating_add(weight);
-            if best.is_none_or(|best| self.current[index] > self.current[best]) {
-                best = Some(index);
-            }
-        }
-        let best = best?;
-        self.current[best] -= total;
-        Some(best)
+        let tied: Vec<PeerView> = peers
+            .iter()
+            .map(|peer| PeerView {
+                eligible: peer.eligible && equally_loaded(peer, &peers[least]),
+                ..*peer
+            })
+            .collect();
+        self.tie_break.pick(&tied, key)
     }
 }
 

@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::raw::RawClientTls;
 use super::{
-    Address, Balance, Config, ConfigError, ListenerConfig, ProxyProtocol, ServerConfig, Source,
-    UpstreamConfig,
+    server_defaults, Address, Balance, Config, ConfigError, ListenerConfig, ProxyProtocol,
+    ServerConfig, Source, UpstreamConfig,
 };
 use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
 use crate::tls::ClientTlsSettings;
@@ -153,15 +153,15 @@ fn server_from_node(
             port: node.port,
         },
         name: Some(node.name.clone()),
-        weight: 1,
+        weight: server_defaults::WEIGHT,
         max_conns: 0,
-        max_fails: 1,
-        fail_timeout: Duration::from_secs(10),
+        max_fails: server_defaults::MAX_FAILS,
+        fail_timeout: server_defaults::FAIL_TIMEOUT,
         backup: false,
         down: false,
         slow_start: Duration::ZERO,
         resolve: false,
-        resolve_interval: Duration::from_secs(5),
+        resolve_interval: server_defaults::RESOLVE_INTERVAL,
         tls,
         plugin_keys: node.extra.clone(),
     })

@@ -16,6 +16,16 @@ pub use address::Address;
 pub use raw::{Balance, HashKey, ProxyProtocol};
 
 use raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
+
+/// Server defaults (SPEC §2), shared by the TOML reader and Fluent Bit nodes.
+mod server_defaults {
+    use std::time::Duration;
+
+    pub const WEIGHT: u32 = 1;
+    pub const MAX_FAILS: u32 = 1;
+    pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+}
 use toml::Spanned;
 
 use crate::tls::{ClientTlsSettings, ServerTlsSettings};

@@ -209,6 +209,7 @@ impl<'de> Deserialize<'de> for DurationValue {
 }
 
 mod defaults {
+    use super::super::server_defaults;
     use super::*;
 
     fn spanned<T>(value: T) -> Spanned<T> {
@@ -234,13 +235,13 @@ mod defaults {
         spanned(Balance::RoundRobin)
     }
     pub fn weight() -> Spanned<u32> {
-        spanned(1)
+        spanned(server_defaults::WEIGHT)
     }
     pub fn max_fails() -> u32 {
-        1
+        server_defaults::MAX_FAILS
     }
     pub fn fail_timeout() -> DurationValue {
-        DurationValue(Duration::from_secs(10))
+        DurationValue(server_defaults::FAIL_TIMEOUT)
     }
     pub fn check_interval() -> Spanned<DurationValue> {
         spanned(DurationValue(Duration::from_secs(5)))
@@ -255,7 +256,7 @@ mod defaults {
         spanned(2)
     }
     pub fn resolve_interval() -> Spanned<DurationValue> {
-        spanned(DurationValue(Duration::from_secs(5)))
+        spanned(DurationValue(server_defaults::RESOLVE_INTERVAL))
     }
     pub fn no() -> Spanned<bool> {
         spanned(false)
