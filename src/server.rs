@@ -182,11 +182,40 @@ impl From<PrepareError> for StartError {
 /// Binds every listener and serves until SIGTERM or SIGINT, then drains. On
 /// SIGHUP, `reload` gives the new configuration (SPEC §6); with `watch`, a
 /// change of the configuration file's content raises SIGHUP.
+/// Each relayed connection holds two descriptors (more while splicing), so
+/// the common soft limit of 1,024 would cap sluice near 500 connections.
+/// Like HAProxy, take what the hard limit allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct passed, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the struct passed, which outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        info!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open-file limit"
+        );
+    } else {
+        warn!(soft, hard = limit.rlim_max, reason = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+    }
+}
+
 pub async fn run(
     config: Config,
     reload: impl Fn() -> Result<Config, String>,
     watch: Option<ConfigWatch>,
 ) -> Result<(), StartError> {
+    raise_open_file_limit();
     // Before the peers are built: they take their metric handles from it.
     let metrics = metrics::install()?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;

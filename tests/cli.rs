@@ -261,3 +261,51 @@ fn the_shipped_example_configuration_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("is valid"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let backend = Backend::tcp("a", Behavior::Echo).await;
+    let listen = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, config(&listen, "", "", &[server(backend.addr, "")])).unwrap();
+    let mut command = std::process::Command::new(SLUICE);
+    command
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let limits_path = format!("/proc/{}/limits", child.id());
+    let soft_of = |text: &str| {
+        text.lines()
+            .find(|line| line.starts_with("Max open files"))
+            .and_then(|line| line.split_whitespace().nth(3))
+            .map(str::to_owned)
+    };
+    let raised = wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&limits_path)
+            .ok()
+            .and_then(|t| soft_of(&t))
+            .as_deref()
+            == Some("4096")
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(raised, "the soft limit stayed below the hard limit");
+    backend.finish().await;
+}
