@@ -536,7 +536,7 @@ async fn access_log_has_a_line_for_success_failover_and_no_peer() {
         "peer=\"-\"",
         "sent=0 received=0",
         "close=\"no_peer\"",
-        "reason=\"no eligible peer\"",
+        "reason=\"the only eligible peer failed: Connection refused",
     ] {
         assert!(no_peer.contains(field), "{field} missing in {no_peer}");
     }

@@ -231,6 +231,14 @@ async fn max_conns_spills_to_backup_and_without_one_closes_the_client() {
             .wait_for_log("client turned away", Duration::from_secs(5))
             .await
     );
+    assert!(
+        sluice2
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("client turned away") && line.contains("no eligible peer")),
+        "{}",
+        sluice2.log_text()
+    );
     drop(held);
     a.finish().await;
     spare.finish().await;

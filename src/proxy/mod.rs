@@ -81,6 +81,11 @@ impl fmt::Display for ClientAddr {
 /// Why no peer took a client connection.
 enum Unavailable {
     NoEligiblePeer,
+    /// Every eligible peer was tried and failed; the last failure's reason.
+    AllFailed {
+        attempts: u32,
+        last: String,
+    },
     TriesExhausted(u32),
     TimeoutExhausted(Duration),
     /// sluice itself could not open a socket.
@@ -91,6 +96,12 @@ impl fmt::Display for Unavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unavailable::NoEligiblePeer => f.write_str("no eligible peer"),
+            Unavailable::AllFailed { attempts: 1, last } => {
+                write!(f, "the only eligible peer failed: {last}")
+            }
+            Unavailable::AllFailed { attempts, last } => {
+                write!(f, "all {attempts} eligible peers failed; the last: {last}")
+            }
             Unavailable::TriesExhausted(tries) => {
                 write!(f, "next_upstream_tries ({tries}) used up")
             }
@@ -281,6 +292,7 @@ async fn connect_upstream(
     let key = hash_key(&group.balance, client_addr);
     let mut tried = Tried::default();
     let mut attempts = 0;
+    let mut last_failure = None;
     loop {
         if config.next_upstream_tries > 0 && attempts >= config.next_upstream_tries {
             return Err(Unavailable::TriesExhausted(config.next_upstream_tries));
@@ -293,9 +305,12 @@ async fn connect_upstream(
             }
             timeout = timeout.min(left);
         }
-        let attempt = group
-            .select(&mut tried, &key)
-            .ok_or(Unavailable::NoEligiblePeer)?;
+        let Some(attempt) = group.select(&mut tried, &key) else {
+            return Err(match last_failure {
+                Some(last) => Unavailable::AllFailed { attempts, last },
+                None => Unavailable::NoEligiblePeer,
+            });
+        };
         attempts += 1;
         // One timeout covers the connect and the TLS handshake.
         let reason = match connect_within(timeout, attempt.peer(), proxy_header).await {
@@ -326,6 +341,7 @@ async fn connect_upstream(
         );
         access.tried(&attempt.peer().label, TryOutcome::Failed(reason.clone()));
         attempt.failed(&reason);
+        last_failure = Some(reason);
     }
 }
 
