@@ -221,6 +221,28 @@ pub enum Behavior {
     DigestOnEof,
 }
 
+/// A listener a [`Backend`] can accept connections on.
+trait Accept: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
 /// An in-process backend on loopback that counts its connections. Panics in
 /// its tasks fail the test through [`Backend::finish`].
 pub struct Backend {
@@ -238,6 +260,21 @@ impl Backend {
     pub async fn tcp_on(addr: &str, name: &str, behavior: Behavior) -> Backend {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        Backend::serving(listener, addr, name, behavior)
+    }
+
+    pub async fn unix(path: &Path, name: &str, behavior: Behavior) -> Backend {
+        let listener = UnixListener::bind(path).unwrap();
+        Backend::serving(listener, "0.0.0.0:0".parse().unwrap(), name, behavior)
+    }
+
+    /// Accepts on `listener` until finished, serving each connection in its own task.
+    fn serving<L: Accept>(
+        listener: L,
+        addr: SocketAddr,
+        name: &str,
+        behavior: Behavior,
+    ) -> Backend {
         let backend = Backend::new(addr, name);
         let (accepted, tasks, name) = (
             Arc::clone(&backend.accepted),
@@ -246,30 +283,7 @@ impl Backend {
         );
         backend.tasks.lock().unwrap().spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                tasks
-                    .lock()
-                    .unwrap()
-                    .spawn(serve(stream, name.clone(), behavior));
-            }
-        });
-        backend
-    }
-
-    pub async fn unix(path: &Path, name: &str, behavior: Behavior) -> Backend {
-        let listener = UnixListener::bind(path).unwrap();
-        let backend = Backend::new("0.0.0.0:0".parse().unwrap(), name);
-        let (accepted, tasks, name) = (
-            Arc::clone(&backend.accepted),
-            Arc::clone(&backend.tasks),
-            name.to_owned(),
-        );
-        backend.tasks.lock().unwrap().spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok(stream) = listener.accept_stream().await else {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
