@@ -202,14 +202,34 @@ impl PeerHealth {
         self.lock().fails
     }
 
-    fn is_failed(&self, params: &PeerParams, now: Instant) -> bool {
+    /// The peer as a pick sees it, read under one lock so the fields agree.
+    fn snapshot(&self, params: &PeerParams, now: Instant) -> Snapshot {
         let health = self.lock();
+        Snapshot {
+            active: health.active,
+            out_of_rotation: health.unhealthy || health.is_failed(params, now),
+            recovered_at: health.recovered_at,
+        }
+    }
+}
+
+impl Health {
+    /// Marked failed by max_fails and still inside fail_timeout.
+    fn is_failed(&self, params: &PeerParams, now: Instant) -> bool {
         params.max_fails > 0
-            && health.fails >= params.max_fails
-            && health.checked.is_some_and(|checked| {
+            && self.fails >= params.max_fails
+            && self.checked.is_some_and(|checked| {
                 now.saturating_duration_since(checked) <= params.fail_timeout
             })
     }
+}
+
+/// One peer's health at the moment of a pick or a status report.
+struct Snapshot {
+    active: u32,
+    /// Failed (max_fails) or unhealthy (health checks).
+    out_of_rotation: bool,
+    recovered_at: Option<Instant>,
 }
 
 /// The peers of one upstream group: their parameters, their shared health,
@@ -240,6 +260,12 @@ impl Tried {
             .get(index / 64)
             .is_some_and(|word| word & (1 << (index % 64)) != 0)
     }
+}
+
+/// Whether a new connection could be given to a peer in this state.
+fn is_eligible(params: &PeerParams, health: &Snapshot) -> bool {
+    let full = params.max_conns > 0 && health.active >= params.max_conns;
+    !(params.down || full || health.out_of_rotation)
 }
 
 impl Selector {
@@ -290,17 +316,19 @@ impl Selector {
         let views: Vec<PeerView> = (0..self.params.len())
             .map(|index| {
                 let params = &self.params[index];
-                let eligible =
-                    params.backup == backup && !tried.contains(index) && self.eligible(index, now);
+                let health = self.health[index].snapshot(params, now);
+                let eligible = params.backup == backup
+                    && !tried.contains(index)
+                    && is_eligible(params, &health);
                 any |= eligible;
                 PeerView {
                     weight: effective_weight(
                         params.weight,
                         params.slow_start,
-                        self.health[index].recovered_at(),
+                        health.recovered_at,
                         now,
                     ),
-                    active: self.health[index].active(),
+                    active: health.active,
                     eligible,
                 }
             })
@@ -311,20 +339,11 @@ impl Selector {
         self.algorithm.pick(&views, key)
     }
 
-    /// Whether a new connection could be given to this peer now.
-    pub fn eligible(&self, index: usize, now: Instant) -> bool {
-        let params = &self.params[index];
-        let health = &self.health[index];
-        let full = params.max_conns > 0 && health.active() >= params.max_conns;
-        !(params.down || full || health.is_unhealthy() || health.is_failed(params, now))
-    }
-
     pub fn state(&self, index: usize, now: Instant) -> PeerState {
-        if self.params[index].down {
+        let params = &self.params[index];
+        if params.down {
             PeerState::Down
-        } else if self.health[index].is_unhealthy()
-            || self.health[index].is_failed(&self.params[index], now)
-        {
+        } else if self.health[index].snapshot(params, now).out_of_rotation {
             PeerState::Failed
         } else {
             PeerState::Up
