@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{
-    algorithm_for, PeerHealth, PeerParams, PeerState, RingMember, Selector, Tried,
-};
+use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 use crate::stats::{unavailable_counter, PeerStats};
 use crate::tls::{self, TlsOrigin};
@@ -152,24 +150,14 @@ impl Upstream {
     pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Upstream {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
-        // A peer's place on a hash ring follows its address, so it keeps its
-        // keys whatever else is added, removed or renamed.
         let identities: Vec<String> = peers.iter().map(|peer| peer.target.to_string()).collect();
-        let members: Vec<RingMember<'_>> = identities
-            .iter()
-            .zip(&params)
-            .map(|(identity, params)| RingMember {
-                identity,
-                weight: params.weight,
-            })
-            .collect();
-        let algorithm = algorithm_for(&balance, &members);
+        let selector = Selector::for_method(&balance, &identities, params, health);
         Upstream {
             unavailable: unavailable_counter(&name),
             name,
             balance,
             peers,
-            selector: Mutex::new(Selector::new(params, health, algorithm)),
+            selector: Mutex::new(selector),
         }
     }
 

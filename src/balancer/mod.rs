@@ -283,6 +283,27 @@ impl Selector {
         }
     }
 
+    /// A selector running `balance` over these peers. `identities` place the
+    /// peers on a hash ring (their addresses, so a peer keeps its keys
+    /// whatever else is added, removed or renamed); other methods ignore them.
+    pub fn for_method(
+        balance: &Balance,
+        identities: &[String],
+        params: Vec<PeerParams>,
+        health: Vec<Arc<PeerHealth>>,
+    ) -> Self {
+        let members: Vec<RingMember<'_>> = identities
+            .iter()
+            .zip(&params)
+            .map(|(identity, params)| RingMember {
+                identity,
+                weight: params.weight,
+            })
+            .collect();
+        let algorithm = algorithm_for(balance, &members);
+        Selector::new(params, health, algorithm)
+    }
+
     /// Picks a peer for a new attempt and counts it active; the caller must
     /// report the outcome on [`Selector::health`]: `failed`, or `succeeded`
     /// and later `released`. Backups are used only when no primary is eligible.
@@ -567,19 +588,11 @@ mod method_tests {
     use super::*;
     use crate::config::HashKey;
 
-    fn selector(balance: &Balance, params: Vec<PeerParams>) -> Selector {
+    /// A selector for `balance` over fresh peers at 10.0.0.N:1.
+    pub(crate) fn selector(balance: &Balance, params: Vec<PeerParams>) -> Selector {
         let identities: Vec<String> = (0..params.len()).map(|i| format!("10.0.0.{i}:1")).collect();
-        let members: Vec<RingMember<'_>> = identities
-            .iter()
-            .zip(&params)
-            .map(|(identity, p)| RingMember {
-                identity,
-                weight: p.weight,
-            })
-            .collect();
-        let algorithm = algorithm_for(balance, &members);
         let health = params.iter().map(|_| Arc::default()).collect();
-        Selector::new(params, health, algorithm)
+        Selector::for_method(balance, &identities, params, health)
     }
 
     const METHODS: [Balance; 5] = [
@@ -626,16 +639,7 @@ mod slow_start_tests {
     use super::*;
 
     fn selector(balance: Balance, params: Vec<PeerParams>) -> Selector {
-        let members: Vec<RingMember<'_>> = params
-            .iter()
-            .map(|p| RingMember {
-                identity: "unused",
-                weight: p.weight,
-            })
-            .collect();
-        let algorithm = algorithm_for(&balance, &members);
-        let health = params.iter().map(|_| Arc::default()).collect();
-        Selector::new(params, health, algorithm)
+        super::method_tests::selector(&balance, params)
     }
 
     /// Fails peer 0 at `start` and lets its probe succeed after fail_timeout;
