@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminBindError, AdminState};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
 use crate::config_watch::{self, ConfigWatch};
 use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::BindError;
@@ -45,22 +45,9 @@ pub async fn resolve_upstreams(
         let resolved = Upstream::resolve(upstream, None)
             .await
             .map_err(StartError::Config)?;
-        warn_unverified_tls(upstream);
         upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
     }
     Ok(upstreams)
-}
-
-pub(crate) fn warn_unverified_tls(upstream: &UpstreamConfig) {
-    for server in &upstream.servers {
-        if server.tls.as_ref().is_some_and(|tls| !tls.verify) {
-            warn!(
-                upstream = upstream.name.as_str(),
-                server = server.label().as_str(),
-                "TLS verification is off for this server (verify = false): any certificate is accepted"
-            );
-        }
-    }
 }
 
 /// One context per listener, in configuration order; reads the listeners'

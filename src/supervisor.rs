@@ -17,7 +17,6 @@ use tracing::info;
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig};
 use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
 use crate::proxy::ListenerContext;
-use crate::server::warn_unverified_tls;
 use crate::upstream::{SharedUpstream, Upstream};
 use crate::upstream_task::{self, UpstreamTask};
 
@@ -146,7 +145,6 @@ impl Supervisor {
                     if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
                         UpstreamPlan::Keep
                     } else {
-                        warn_unverified_tls(upstream);
                         UpstreamPlan::Replace(build)
                     }
                 }
@@ -154,7 +152,6 @@ impl Supervisor {
                     let build = Upstream::resolve(upstream, None)
                         .await
                         .map_err(PrepareError::Config)?;
-                    warn_unverified_tls(upstream);
                     UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
                 }
             };

@@ -11,6 +11,7 @@ use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
 use crate::stats::{unavailable_counter, PeerStats};
 use crate::tls::{self, TlsOrigin};
+use tracing::warn;
 
 /// Where a peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +68,8 @@ pub struct Upstream {
 impl Upstream {
     /// Resolves every server's address (a host name with several addresses
     /// gives one peer each) and builds the group. Peers also in `previous`
-    /// keep their health (active connections, failures).
+    /// keep their health (active connections, failures). Each load of the
+    /// group warns once per server whose TLS certificate is not verified.
     pub async fn resolve(
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
@@ -90,7 +92,9 @@ impl Upstream {
                 )
             })?);
         }
-        Upstream::assemble(config, targets, previous)
+        let group = Upstream::assemble(config, targets, previous)?;
+        warn_unverified_tls(config);
+        Ok(group)
     }
 
     /// Builds the group from each server's targets (`targets[i]` for
@@ -215,6 +219,18 @@ fn peer_params(server: &ServerConfig) -> PeerParams {
         backup: server.backup,
         down: server.down,
         slow_start: server.slow_start,
+    }
+}
+
+fn warn_unverified_tls(upstream: &UpstreamConfig) {
+    for server in &upstream.servers {
+        if server.tls.as_ref().is_some_and(|tls| !tls.verify) {
+            warn!(
+                upstream = upstream.name.as_str(),
+                server = server.label().as_str(),
+                "TLS verification is off for this server (verify = false): any certificate is accepted"
+            );
+        }
     }
 }
 
