@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::PeerState;
 use crate::config::Address;
-use crate::proxy::listener::{bind, BoundSocket};
+use crate::proxy::listener::{bind, Acceptor, BoundSocket};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// The admin address could not be bound: a start-up failure (exit status 2).
@@ -242,20 +242,26 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds `address` and serves the endpoint in the background for the life of
 /// the process.
 pub async fn serve(address: &Address, state: Arc<AdminState>) -> Result<(), AdminBindError> {
-    let socket = bind("admin", address, 0o660)
+    let socket = bind("admin", address, 0o660, 1)
         .await
         .map_err(|err| AdminBindError {
             address: err.address,
             source: err.source,
         })?;
     info!(address = %socket.local_addr(), "admin endpoint ready");
-    tokio::spawn(accept_loop(socket, state));
+    let acceptor = socket.acceptor(0).map_err(|source| AdminBindError {
+        address: address.to_string(),
+        source,
+    })?;
+    tokio::spawn(accept_loop(socket, acceptor, state));
     Ok(())
 }
 
-async fn accept_loop(socket: BoundSocket, state: Arc<AdminState>) {
+/// `socket` is held for its UNIX socket file, removed when it drops.
+async fn accept_loop(socket: BoundSocket, acceptor: Acceptor, state: Arc<AdminState>) {
+    let _socket = socket;
     loop {
-        let stream = match socket.accept().await {
+        let stream = match acceptor.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
                 // Out of descriptors, most likely: give connections time to close.

@@ -1,6 +1,7 @@
 //! The command line (SPEC §1) and exit statuses.
 
 use std::io::IsTerminal;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{AdminConfig, Config};
 use crate::config_watch::ConfigWatch;
 use crate::server::{self, StartError};
+use crate::workers;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +48,10 @@ pub struct Cli {
     /// Serve the admin endpoint on ADDR (HOST:PORT or unix:/path); overrides `[admin] bind`.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
+    /// Threads that accept and relay connections (default: one per CPU core
+    /// the process may use).
+    #[arg(long, env = "SLUICE_WORKERS", value_name = "N")]
+    pub workers: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,6 +97,7 @@ pub fn main() -> ExitCode {
         }
     };
     let check = cli.check;
+    let worker_count = cli.workers.unwrap_or_else(workers::default_count);
     // Reads the configuration as at start-up; a reload (SIGHUP) reads it again.
     let load = move || -> Result<Config, String> {
         let mut config = match (&cli.fluent_bit, &cli.bind) {
@@ -108,7 +115,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane's runtime; connections run on the workers' own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -127,7 +135,7 @@ pub fn main() -> ExitCode {
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config, load, watch))
+        runtime.block_on(server::run(config, load, watch, worker_count))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();

@@ -18,3 +18,4 @@ pub mod supervisor;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_task;
+pub mod workers;

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -17,6 +18,7 @@ use crate::proxy::ListenerContext;
 use crate::supervisor::{PrepareError, Supervisor};
 use crate::tls::ClientTlsSettings;
 use crate::upstream::{SharedUpstream, Upstream};
+use crate::workers::Workers;
 
 /// Why sluice could not start; each maps to an exit status.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     /// The admin endpoint's address could not be bound: exit 2.
     #[error(transparent)]
     Admin(#[from] AdminBindError),
@@ -201,14 +205,16 @@ pub async fn run(
     config: Config,
     reload: impl Fn() -> Result<Config, String>,
     watch: Option<ConfigWatch>,
+    worker_count: NonZeroUsize,
 ) -> Result<(), StartError> {
     raise_open_file_limit();
+    let workers = Workers::start(worker_count).map_err(StartError::Workers)?;
     // Before the peers are built: they take their metric handles from it.
     let metrics = metrics::install()?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
-    let mut supervisor = Supervisor::start(config).await?;
+    let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
     let admin = AdminState::new(metrics, supervisor.upstreams());
     if let Some(admin_config) = &supervisor.config().admin {
         admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
@@ -235,6 +241,7 @@ pub async fn run(
             "shutdown_timeout passed; closing the remaining connections"
         );
     }
+    workers.shutdown();
     info!("stopped");
     Ok(())
 }

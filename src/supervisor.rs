@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -80,18 +81,22 @@ pub struct Supervisor {
     upstreams: BTreeMap<String, RunningUpstream>,
     /// Cancels every accept loop at once (shutdown).
     stop: CancellationToken,
+    /// The workers' runtimes: each listener has an accept loop on every one.
+    workers: Vec<Handle>,
     accept_loops: TaskTracker,
     connections: TaskTracker,
 }
 
 impl Supervisor {
-    /// Builds and starts everything the configuration describes.
-    pub async fn start(config: Config) -> Result<Supervisor, PrepareError> {
+    /// Builds and starts everything the configuration describes, with the
+    /// listeners' connections served on `workers`.
+    pub async fn start(config: Config, workers: Vec<Handle>) -> Result<Supervisor, PrepareError> {
         let mut supervisor = Supervisor {
             config: config.clone(),
             listeners: BTreeMap::new(),
             upstreams: BTreeMap::new(),
             stop: CancellationToken::new(),
+            workers,
             accept_loops: TaskTracker::new(),
             connections: TaskTracker::new(),
         };
@@ -116,6 +121,9 @@ impl Supervisor {
         }
         self.accept_loops.close();
         self.accept_loops.wait().await;
+        for name in self.listeners.keys() {
+            info!(listener = name.as_str(), "stopped accepting");
+        }
         drop(self.listeners);
         self.connections.close();
         info!(open_connections = self.connections.len(), timeout = %humantime::format_duration(self.config.shutdown_timeout), "draining");
@@ -185,7 +193,13 @@ impl Supervisor {
             } else if let Some(socket) = self.socket_for(&listener.bind) {
                 ListenerPlan::Start(Arc::clone(socket))
             } else {
-                let socket = bind(&listener.name, &listener.bind, listener.unix_mode).await?;
+                let socket = bind(
+                    &listener.name,
+                    &listener.bind,
+                    listener.unix_mode,
+                    self.workers.len(),
+                )
+                .await?;
                 ListenerPlan::Start(Arc::new(socket))
             };
             listeners.push((context, plan));
@@ -265,8 +279,9 @@ impl Supervisor {
                 }
                 (ListenerPlan::Start(socket), old) => {
                     if let Some(old) = old {
-                        // Moved to another address: the old accept loop stops.
+                        // Moved to another address: the old accept loops stop.
                         old.stop.cancel();
+                        info!(listener = listener.name.as_str(), address = %old.socket.local_addr(), "stopped accepting");
                         summary.listeners_changed.push(listener.name.clone());
                     } else {
                         summary.listeners_added.push(listener.name.clone());
@@ -283,6 +298,7 @@ impl Supervisor {
         // unless a listener on the same address took it over.
         for (name, running) in old_listeners {
             running.stop.cancel();
+            info!(listener = name.as_str(), "stopped accepting");
             summary.listeners_removed.push(name);
         }
         self.config = prepared.config;
@@ -297,12 +313,16 @@ impl Supervisor {
         let config = context.config.clone();
         let context = Arc::new(ArcSwap::from_pointee(context));
         let stop = self.stop.child_token();
-        self.accept_loops.spawn(accept_loop(
-            Arc::clone(&socket),
-            Arc::clone(&context),
-            stop.clone(),
-            self.connections.clone(),
-        ));
+        for (index, worker) in self.workers.iter().enumerate() {
+            worker.spawn(self.accept_loops.track_future(accept_loop(
+                Arc::clone(&socket),
+                index,
+                Arc::clone(&context),
+                stop.clone(),
+                self.connections.clone(),
+            )));
+        }
+        info!(listener = config.name.as_str(), address = %socket.local_addr(), upstream = config.upstream.as_str(), workers = self.workers.len(), "listening");
         RunningListener {
             config,
             socket,

@@ -12,7 +12,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::stream::Stream;
 use super::{serve_connection, ClientAddr, ListenerContext};
@@ -29,9 +29,15 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// A bound listening address: the sockets, not yet tied to any runtime, so
+/// that every worker can accept on it through its own event loop.
 pub enum BoundSocket {
-    Tcp(TcpListener),
-    Unix(UnixListener, UnixSocketFile),
+    /// One socket per worker, sharing the address through SO_REUSEPORT: the
+    /// kernel spreads new clients over the workers, and no worker is woken
+    /// for a client another one takes.
+    Tcp(Vec<std::net::TcpListener>),
+    /// UNIX sockets have no SO_REUSEPORT: every worker accepts on the one socket.
+    Unix(std::os::unix::net::UnixListener, UnixSocketFile),
 }
 
 /// Removes a UNIX listener's socket file when the listener goes away.
@@ -45,8 +51,14 @@ impl Drop for UnixSocketFile {
 
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// Binds the listener's address. A host name binds its first address.
-pub async fn bind(name: &str, address: &Address, unix_mode: u32) -> Result<BoundSocket, BindError> {
+/// Binds the listener's address, for `workers` workers to accept on. A host
+/// name binds its first address.
+pub async fn bind(
+    name: &str,
+    address: &Address,
+    unix_mode: u32,
+    workers: usize,
+) -> Result<BoundSocket, BindError> {
     let error = |source: io::Error| BindError {
         listener: name.to_owned(),
         address: address.to_string(),
@@ -64,16 +76,34 @@ pub async fn bind(name: &str, address: &Address, unix_mode: u32) -> Result<Bound
                         "the name has no addresses",
                     ))
                 })?;
-            bind_tcp(addr).map(BoundSocket::Tcp).map_err(error)
+            bind_tcp(addr, workers.max(1))
+                .map(BoundSocket::Tcp)
+                .map_err(error)
         }
         Address::Unix(path) => bind_unix(path, unix_mode).map_err(error),
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if count == 1 {
+        return Ok(vec![tcp_socket(addr, false)?]);
+    }
+    // SO_REUSEPORT would let this bind join sockets another process (a
+    // second sluice started by mistake) holds with it. A plain bind first
+    // fails on any address in use, and picks the port when `addr` has none.
+    let probe = tcp_socket(addr, false)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..count).map(|_| tcp_socket(addr, true)).collect()
+}
+
+fn tcp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // Lets a restarted sluice bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // `[::1]` means IPv6 only; `[::]` keeps the OS's dual-stack default.
         socket.set_only_v6(!addr.ip().is_unspecified())?;
@@ -81,7 +111,7 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 fn bind_unix(path: &Path, mode: u32) -> io::Result<BoundSocket> {
@@ -106,34 +136,61 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<BoundSocket> {
             Err(err) => return Err(err),
         }
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
     let guard = UnixSocketFile(path.to_owned());
+    listener.set_nonblocking(true)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(BoundSocket::Unix(listener, guard))
 }
 
 impl BoundSocket {
-    pub(crate) async fn accept(&self) -> io::Result<(Stream, ClientAddr)> {
+    /// Worker `worker`'s accepting end, registered with the runtime this is
+    /// called on. It holds a duplicate of the descriptor, so the socket stays
+    /// open for the other workers (and for a listener taking it over on
+    /// reload) after this accept loop ends.
+    pub(crate) fn acceptor(&self, worker: usize) -> io::Result<Acceptor> {
         match self {
-            BoundSocket::Tcp(listener) => {
-                let (stream, addr) = listener.accept().await?;
-                // A client connection that cannot take the option is still served.
-                let _ = stream.set_nodelay(true);
-                Ok((Stream::Tcp(stream), ClientAddr::Inet(addr)))
+            BoundSocket::Tcp(sockets) => {
+                let socket = &sockets[worker % sockets.len()];
+                Ok(Acceptor::Tcp(TcpListener::from_std(socket.try_clone()?)?))
             }
-            BoundSocket::Unix(listener, _) => {
-                let (stream, _) = listener.accept().await?;
-                Ok((Stream::Unix(stream), ClientAddr::Unix))
-            }
+            BoundSocket::Unix(listener, _) => Ok(Acceptor::Unix(UnixListener::from_std(
+                listener.try_clone()?,
+            )?)),
         }
     }
 
     pub fn local_addr(&self) -> String {
         match self {
-            BoundSocket::Tcp(listener) => listener
-                .local_addr()
-                .map_or_else(|err| err.to_string(), |addr| addr.to_string()),
+            BoundSocket::Tcp(sockets) => match sockets.first().map(|socket| socket.local_addr()) {
+                Some(Ok(addr)) => addr.to_string(),
+                Some(Err(err)) => err.to_string(),
+                None => "no socket".to_owned(),
+            },
             BoundSocket::Unix(_, UnixSocketFile(path)) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// A listening socket registered with one runtime.
+pub(crate) enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Acceptor {
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, ClientAddr)> {
+        match self {
+            Acceptor::Tcp(listener) => {
+                let (stream, addr) = listener.accept().await?;
+                // A client connection that cannot take the option is still served.
+                let _ = stream.set_nodelay(true);
+                Ok((Stream::Tcp(stream), ClientAddr::Inet(addr)))
+            }
+            Acceptor::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok((Stream::Unix(stream), ClientAddr::Unix))
+            }
         }
     }
 }
@@ -150,22 +207,38 @@ fn is_connection_error(err: &io::Error) -> bool {
 
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Accepts clients until `stop` fires, serving each in a task tracked by `connections`.
+/// Worker `worker`'s share of a listener: accepts clients until `stop`
+/// fires, serving each in a task on this worker's runtime, tracked by
+/// `connections`.
 pub async fn accept_loop(
     socket: Arc<BoundSocket>,
+    worker: usize,
     context: Arc<ArcSwap<ListenerContext>>,
     stop: CancellationToken,
     connections: TaskTracker,
 ) {
     let name = context.load().config.name.clone();
     let metrics = ListenerMetrics::new(&name);
-    info!(listener = name.as_str(), address = %socket.local_addr(), upstream = context.load().config.upstream.as_str(), "listening");
     let mut backoff = Duration::from_millis(5);
+    // Clients the kernel queues on this worker's socket wait until it
+    // accepts, so a failure here is retried, never given up.
+    let acceptor = loop {
+        match socket.acceptor(worker) {
+            Ok(acceptor) => break acceptor,
+            Err(err) => {
+                warn!(listener = name.as_str(), worker, reason = %err, backoff_ms = backoff.as_millis() as u64, "cannot register the listening socket; retrying");
+                if backed_off(&stop, &mut backoff).await {
+                    return;
+                }
+            }
+        }
+    };
+    backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            accepted = socket.accept() => accepted,
+            accepted = acceptor.accept() => accepted,
         };
         match accepted {
             Ok((stream, client_addr)) => {
@@ -182,13 +255,21 @@ pub async fn accept_loop(
                 // Out of descriptors or memory: wait for connections to close
                 // instead of spinning on a listener that stays readable.
                 warn!(listener = name.as_str(), reason = %err, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                if backed_off(&stop, &mut backoff).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
         }
     }
-    info!(listener = name.as_str(), "stopped accepting");
+}
+
+/// Sleeps `backoff`, then doubles it up to MAX_ACCEPT_BACKOFF; true if
+/// `stop` fired meanwhile.
+async fn backed_off(stop: &CancellationToken, backoff: &mut Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => return true,
+        () = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(MAX_ACCEPT_BACKOFF);
+    false
 }
