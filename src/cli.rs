@@ -51,7 +51,7 @@ pub struct Cli {
     /// Threads that accept and relay connections (default: one per CPU core
     /// the process may use).
     #[arg(long, env = "SLUICE_WORKERS", value_name = "N")]
-    pub workers: Option<NonZeroUsize>,
+    pub workers: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,7 +97,17 @@ pub fn main() -> ExitCode {
         }
     };
     let check = cli.check;
-    let worker_count = cli.workers.unwrap_or_else(workers::default_count);
+    let worker_count = match cli.workers.as_deref().map(str::parse::<NonZeroUsize>) {
+        None => workers::default_count(),
+        Some(Ok(count)) => count,
+        Some(Err(_)) => {
+            eprintln!(
+                "sluice: invalid --workers: expected a positive whole number, got {:?}",
+                cli.workers.as_deref().unwrap_or_default()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // Reads the configuration as at start-up; a reload (SIGHUP) reads it again.
     let load = move || -> Result<Config, String> {
         let mut config = match (&cli.fluent_bit, &cli.bind) {
