@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
-use crate::config::{Balance, HashKey, ListenerConfig};
+use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol};
 use crate::stats::PeerStats;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
@@ -127,10 +127,13 @@ pub async fn serve_connection(
     let group = context.upstream.load_full();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
-    // The PROXY header comes first on the connection, before any TLS.
+    // The PROXY header comes first on the connection, before any TLS. The
+    // local address (one more system call) is needed only to send one.
     let local_addr = match &client {
-        Stream::Tcp(stream) => stream.local_addr().ok(),
-        Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
+        Stream::Tcp(stream) if context.config.proxy_protocol != ProxyProtocol::Off => {
+            stream.local_addr().ok()
+        }
+        Stream::Tcp(_) | Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
     };
     let mut origin = Origin::of_connection(client_addr, local_addr);
     if context.config.accept_proxy_protocol {
