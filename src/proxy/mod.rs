@@ -11,7 +11,6 @@ pub mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,16 +23,11 @@ use tracing::{debug, info, warn};
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig};
-use crate::stats::PeerStats;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
-use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
+use relay::{relay, RelayEnd, RelayOutcome, Side};
 use stream::Stream;
-
-/// How often a long connection's byte counts are added to the peer's
-/// counters; short connections report once, at close.
-const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
@@ -201,11 +195,11 @@ pub async fn serve_connection(
     let peer = &group.peers[lease.index()];
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
-    let outcome = relay_reporting(
+    let outcome = relay_streams(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
-        &peer.stats,
+        |sent, received| peer.stats.relayed(sent, received),
     )
     .await;
     // Free the peer before reporting, so whoever reads the report sees it free.
@@ -232,52 +226,19 @@ pub async fn serve_connection(
     }
 }
 
-/// Relays, adding the bytes to the peer's counters every
-/// TRAFFIC_REPORT_INTERVAL and at the end.
-async fn relay_reporting(
-    client: &mut Stream,
-    upstream: &mut Stream,
-    idle_timeout: Option<Duration>,
-    stats: &PeerStats,
-) -> RelayOutcome {
-    let traffic = Traffic::default();
-    let mut reported = (0, 0);
-    let mut report = |traffic: &Traffic| {
-        let sent = traffic.sent.load(Ordering::Relaxed);
-        let received = traffic.received.load(Ordering::Relaxed);
-        stats.relayed(sent - reported.0, received - reported.1);
-        reported = (sent, received);
-    };
-    let relay = relay_streams(client, upstream, idle_timeout, &traffic);
-    tokio::pin!(relay);
-    let mut ticker = tokio::time::interval_at(
-        Instant::now() + TRAFFIC_REPORT_INTERVAL,
-        TRAFFIC_REPORT_INTERVAL,
-    );
-    let outcome = loop {
-        tokio::select! {
-            biased;
-            outcome = &mut relay => break outcome,
-            _ = ticker.tick() => report(&traffic),
-        }
-    };
-    report(&traffic);
-    outcome
-}
-
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
 /// anything else (TLS, other systems) is copied through user-space buffers.
 async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
     idle_timeout: Option<Duration>,
-    traffic: &Traffic,
+    report: impl FnMut(u64, u64),
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
     if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-        return splice::relay(client, upstream, idle_timeout, traffic).await;
+        return splice::relay(client, upstream, idle_timeout, report).await;
     }
-    relay(client, upstream, idle_timeout, traffic).await
+    relay(client, upstream, idle_timeout, report).await
 }
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.

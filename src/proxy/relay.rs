@@ -1,15 +1,18 @@
 //! Relaying bytes both ways between two streams with half-close, idle
-//! timeout and bounded buffers.
+//! timeout, periodic byte counts and bounded buffers.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep_until, Instant};
+
+/// How often a long connection's byte counts are reported; short
+/// connections report once, at close.
+const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Bytes held per direction. A reader that does not keep up leaves the
 /// buffer full, so sluice stops reading the other side: back-pressure,
@@ -32,17 +35,6 @@ pub enum RelayEnd {
     Idle,
     /// A read or write on one side failed (often a reset).
     Error(Side, io::Error),
-}
-
-/// Bytes relayed so far on one connection, readable while the relay runs so
-/// long connections can report progress. Local to the connection: never
-/// contended.
-#[derive(Debug, Default)]
-pub struct Traffic {
-    /// Client → upstream.
-    pub sent: AtomicU64,
-    /// Upstream → client.
-    pub received: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -85,7 +77,7 @@ impl HalfDuplex {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        bytes: &AtomicU64,
+        bytes: &mut u64,
         progressed: &mut bool,
     ) -> Poll<Result<(), CopyError>>
     where
@@ -127,7 +119,7 @@ impl HalfDuplex {
                     return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.start += written;
-                bytes.fetch_add(written as u64, Ordering::Relaxed);
+                *bytes += written as u64;
                 self.need_flush = true;
                 *progressed = true;
             }
@@ -141,41 +133,43 @@ impl HalfDuplex {
 }
 
 /// Relays until both directions have finished, one side fails, or nothing
-/// moves for `idle_timeout`, counting the bytes written each way in `traffic`.
-pub async fn relay<C, U>(
+/// moves for `idle_timeout`. `report` is given the bytes written each way
+/// (client → upstream, upstream → client) since its previous call, every
+/// TRAFFIC_REPORT_INTERVAL and at the end.
+pub async fn relay<C, U, R>(
     client: &mut C,
     upstream: &mut U,
     idle_timeout: Option<Duration>,
-    traffic: &Traffic,
+    report: R,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    R: FnMut(u64, u64),
 {
     let mut to_upstream = HalfDuplex::new();
     let mut to_client = HalfDuplex::new();
-    let end = drive(idle_timeout, |cx, direction, progressed| match direction {
-        Direction::ToUpstream => to_upstream.poll_copy(
-            cx,
-            Pin::new(&mut *client),
-            Pin::new(&mut *upstream),
-            &traffic.sent,
-            progressed,
-        ),
-        Direction::ToClient => to_client.poll_copy(
-            cx,
-            Pin::new(&mut *upstream),
-            Pin::new(&mut *client),
-            &traffic.received,
-            progressed,
-        ),
-    })
-    .await;
-    RelayOutcome {
-        sent: traffic.sent.load(Ordering::Relaxed),
-        received: traffic.received.load(Ordering::Relaxed),
-        end,
-    }
+    drive(
+        idle_timeout,
+        report,
+        |cx, direction, bytes, progressed| match direction {
+            Direction::ToUpstream => to_upstream.poll_copy(
+                cx,
+                Pin::new(&mut *client),
+                Pin::new(&mut *upstream),
+                bytes,
+                progressed,
+            ),
+            Direction::ToClient => to_client.poll_copy(
+                cx,
+                Pin::new(&mut *upstream),
+                Pin::new(&mut *client),
+                bytes,
+                progressed,
+            ),
+        },
+    )
+    .await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,21 +179,37 @@ pub(super) enum Direction {
 }
 
 /// Polls both directions until both are done, one fails, or nothing moves
-/// for `idle_timeout`. A direction reports whether it moved a byte through
-/// its `progressed` flag.
-pub(super) async fn drive<P>(idle_timeout: Option<Duration>, mut poll_direction: P) -> RelayEnd
+/// for `idle_timeout`, reporting the bytes written as [`relay`] describes. A
+/// direction adds the bytes it writes to its `bytes` and tells whether it
+/// moved a byte through its `progressed` flag.
+///
+/// One timer serves both the idle timeout and the reports: it is set for the
+/// earlier of the two deadlines and re-armed only when it fires, not on
+/// every byte.
+pub(super) async fn drive<R, P>(
+    idle_timeout: Option<Duration>,
+    mut report: R,
+    mut poll_direction: P,
+) -> RelayOutcome
 where
-    P: FnMut(&mut Context<'_>, Direction, &mut bool) -> Poll<Result<(), CopyError>>,
+    R: FnMut(u64, u64),
+    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
 {
     let mut upstream_done = false;
     let mut client_done = false;
-    let mut idle_timer = idle_timeout.map(|timeout| (timeout, Box::pin(sleep(timeout))));
+    // Bytes written so far, and as of the last report, each way.
+    let (mut sent, mut received) = (0, 0);
+    let (mut sent_reported, mut received_reported) = (0, 0);
     let mut last_progress = Instant::now();
+    let mut next_report = last_progress + TRAFFIC_REPORT_INTERVAL;
+    let idle_deadline = |last_progress| idle_timeout.map(|timeout| last_progress + timeout);
+    let first_deadline = earlier(next_report, idle_deadline(last_progress));
+    let mut timer = Box::pin(sleep_until(first_deadline));
 
-    poll_fn(|cx| {
+    let end = poll_fn(|cx| {
         let mut progressed = false;
         if !upstream_done {
-            match poll_direction(cx, Direction::ToUpstream, &mut progressed) {
+            match poll_direction(cx, Direction::ToUpstream, &mut sent, &mut progressed) {
                 Poll::Ready(Ok(())) => upstream_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Client, err))
@@ -211,7 +221,7 @@ where
             }
         }
         if !client_done {
-            match poll_direction(cx, Direction::ToClient, &mut progressed) {
+            match poll_direction(cx, Direction::ToClient, &mut received, &mut progressed) {
                 Poll::Ready(Ok(())) => client_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
@@ -225,20 +235,34 @@ where
         if upstream_done && client_done {
             return Poll::Ready(RelayEnd::Done);
         }
-        if let Some((timeout, timer)) = idle_timer.as_mut() {
-            if progressed {
-                last_progress = Instant::now();
+        if progressed && idle_timeout.is_some() {
+            last_progress = Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if now >= next_report {
+                report(sent - sent_reported, received - received_reported);
+                (sent_reported, received_reported) = (sent, received);
+                next_report = now + TRAFFIC_REPORT_INTERVAL;
             }
-            // The timer is re-armed only when it fires, not on every byte.
-            while timer.as_mut().poll(cx).is_ready() {
-                let deadline = last_progress + *timeout;
-                if Instant::now() >= deadline {
-                    return Poll::Ready(RelayEnd::Idle);
-                }
-                timer.as_mut().reset(deadline);
+            let idle_deadline = idle_deadline(last_progress);
+            if idle_deadline.is_some_and(|deadline| now >= deadline) {
+                return Poll::Ready(RelayEnd::Idle);
             }
+            timer.as_mut().reset(earlier(next_report, idle_deadline));
         }
         Poll::Pending
     })
-    .await
+    .await;
+    report(sent - sent_reported, received - received_reported);
+    RelayOutcome {
+        sent,
+        received,
+        end,
+    }
+}
+
+/// The earlier of the next report and the idle deadline, if there is one.
+fn earlier(next_report: Instant, idle_deadline: Option<Instant>) -> Instant {
+    idle_deadline.map_or(next_report, |idle| idle.min(next_report))
 }
