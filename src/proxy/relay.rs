@@ -8,7 +8,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 /// How often a long connection's byte counts are reported; short
 /// connections report once, at close.
@@ -136,23 +136,23 @@ impl HalfDuplex {
 /// moves for `idle_timeout`. `report` is given the bytes written each way
 /// (client → upstream, upstream → client) since its previous call, every
 /// TRAFFIC_REPORT_INTERVAL and at the end.
-pub async fn relay<C, U, R>(
-    client: &mut C,
-    upstream: &mut U,
+pub fn relay<'a, C, U, R>(
+    client: &'a mut C,
+    upstream: &'a mut U,
     idle_timeout: Option<Duration>,
     report: R,
-) -> RelayOutcome
+) -> impl Future<Output = RelayOutcome> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    R: FnMut(u64, u64),
+    R: FnMut(u64, u64) + 'a,
 {
     let mut to_upstream = HalfDuplex::new();
     let mut to_client = HalfDuplex::new();
     drive(
         idle_timeout,
         report,
-        |cx, direction, bytes, progressed| match direction {
+        move |cx, direction, bytes, progressed| match direction {
             Direction::ToUpstream => to_upstream.poll_copy(
                 cx,
                 Pin::new(&mut *client),
@@ -169,7 +169,6 @@ where
             ),
         },
     )
-    .await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -183,34 +182,81 @@ pub(super) enum Direction {
 /// direction adds the bytes it writes to its `bytes` and tells whether it
 /// moved a byte through its `progressed` flag.
 ///
-/// One timer serves both the idle timeout and the reports: it is set for the
-/// earlier of the two deadlines and re-armed only when it fires, not on
-/// every byte.
-pub(super) async fn drive<R, P>(
+/// The future holds just this state (the relays are plain functions, not
+/// nested `async fn`s that would each keep copies of their arguments): it
+/// lives in the connection's task for the connection's whole life.
+pub(super) fn drive<R, P>(
     idle_timeout: Option<Duration>,
-    mut report: R,
-    mut poll_direction: P,
-) -> RelayOutcome
+    report: R,
+    poll_direction: P,
+) -> impl Future<Output = RelayOutcome>
 where
     R: FnMut(u64, u64),
     P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
 {
-    let mut upstream_done = false;
-    let mut client_done = false;
-    // Bytes written so far, and as of the last report, each way.
-    let (mut sent, mut received) = (0, 0);
-    let (mut sent_reported, mut received_reported) = (0, 0);
-    let mut last_progress = Instant::now();
-    let mut next_report = last_progress + TRAFFIC_REPORT_INTERVAL;
-    let idle_deadline = |last_progress| idle_timeout.map(|timeout| last_progress + timeout);
-    let first_deadline = earlier(next_report, idle_deadline(last_progress));
-    let mut timer = Box::pin(sleep_until(first_deadline));
+    let now = Instant::now();
+    let next_report = now + TRAFFIC_REPORT_INTERVAL;
+    let mut driver = Driver {
+        poll_direction,
+        report,
+        idle_timeout,
+        upstream_done: false,
+        client_done: false,
+        sent: 0,
+        received: 0,
+        sent_reported: 0,
+        received_reported: 0,
+        last_progress: now,
+        next_report,
+        timer: Box::pin(sleep_until(earlier(
+            next_report,
+            idle_timeout.map(|timeout| now + timeout),
+        ))),
+    };
+    poll_fn(move |cx| driver.poll(cx))
+}
 
-    let end = poll_fn(|cx| {
+/// The state of one relay. One timer serves both the idle timeout and the
+/// reports: it is set for the earlier of the two deadlines and re-armed only
+/// when it fires, not on every byte.
+struct Driver<R, P> {
+    poll_direction: P,
+    report: R,
+    idle_timeout: Option<Duration>,
+    upstream_done: bool,
+    client_done: bool,
+    /// Bytes written so far, and as of the last report, each way.
+    sent: u64,
+    received: u64,
+    sent_reported: u64,
+    received_reported: u64,
+    /// When a byte last moved; kept only with an idle timeout.
+    last_progress: Instant,
+    next_report: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<R, P> Driver<R, P>
+where
+    R: FnMut(u64, u64),
+    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayOutcome> {
+        let end = ready!(self.poll_end(cx));
+        self.report_unreported();
+        Poll::Ready(RelayOutcome {
+            sent: self.sent,
+            received: self.received,
+            end,
+        })
+    }
+
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let mut progressed = false;
-        if !upstream_done {
-            match poll_direction(cx, Direction::ToUpstream, &mut sent, &mut progressed) {
-                Poll::Ready(Ok(())) => upstream_done = true,
+        if !self.upstream_done {
+            match (self.poll_direction)(cx, Direction::ToUpstream, &mut self.sent, &mut progressed)
+            {
+                Poll::Ready(Ok(())) => self.upstream_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Client, err))
                 }
@@ -220,9 +266,14 @@ where
                 Poll::Pending => {}
             }
         }
-        if !client_done {
-            match poll_direction(cx, Direction::ToClient, &mut received, &mut progressed) {
-                Poll::Ready(Ok(())) => client_done = true,
+        if !self.client_done {
+            match (self.poll_direction)(
+                cx,
+                Direction::ToClient,
+                &mut self.received,
+                &mut progressed,
+            ) {
+                Poll::Ready(Ok(())) => self.client_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
                 }
@@ -232,33 +283,36 @@ where
                 Poll::Pending => {}
             }
         }
-        if upstream_done && client_done {
+        if self.upstream_done && self.client_done {
             return Poll::Ready(RelayEnd::Done);
         }
-        if progressed && idle_timeout.is_some() {
-            last_progress = Instant::now();
+        if progressed && self.idle_timeout.is_some() {
+            self.last_progress = Instant::now();
         }
-        while timer.as_mut().poll(cx).is_ready() {
+        while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if now >= next_report {
-                report(sent - sent_reported, received - received_reported);
-                (sent_reported, received_reported) = (sent, received);
-                next_report = now + TRAFFIC_REPORT_INTERVAL;
+            if now >= self.next_report {
+                self.report_unreported();
+                self.next_report = now + TRAFFIC_REPORT_INTERVAL;
             }
-            let idle_deadline = idle_deadline(last_progress);
+            let idle_deadline = self
+                .idle_timeout
+                .map(|timeout| self.last_progress + timeout);
             if idle_deadline.is_some_and(|deadline| now >= deadline) {
                 return Poll::Ready(RelayEnd::Idle);
             }
-            timer.as_mut().reset(earlier(next_report, idle_deadline));
+            let deadline = earlier(self.next_report, idle_deadline);
+            self.timer.as_mut().reset(deadline);
         }
         Poll::Pending
-    })
-    .await;
-    report(sent - sent_reported, received - received_reported);
-    RelayOutcome {
-        sent,
-        received,
-        end,
+    }
+
+    fn report_unreported(&mut self) {
+        (self.report)(
+            self.sent - self.sent_reported,
+            self.received - self.received_reported,
+        );
+        (self.sent_reported, self.received_reported) = (self.sent, self.received);
     }
 }
 

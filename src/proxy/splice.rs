@@ -6,6 +6,7 @@
 //! connection holds neither.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
@@ -271,21 +272,20 @@ impl PlainHalf {
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
 /// counts given to `report`.
-pub async fn relay(
-    client: PlainSocket<'_>,
-    upstream: PlainSocket<'_>,
+pub fn relay<'a>(
+    client: PlainSocket<'a>,
+    upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
-    report: impl FnMut(u64, u64),
-) -> RelayOutcome {
+    report: impl FnMut(u64, u64) + 'a,
+) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
     drive(
         idle_timeout,
         report,
-        |cx, direction, bytes, progressed| match direction {
+        move |cx, direction, bytes, progressed| match direction {
             Direction::ToUpstream => to_upstream.poll_move(cx, client, upstream, bytes, progressed),
             Direction::ToClient => to_client.poll_move(cx, upstream, client, bytes, progressed),
         },
     )
-    .await
 }
