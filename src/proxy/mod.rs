@@ -135,7 +135,7 @@ pub async fn serve_connection(
                 AccessRecord::new(
                     context.config.access_log,
                     listener,
-                    &client_addr,
+                    client_addr,
                     upstream,
                     accepted,
                 )
@@ -150,7 +150,7 @@ pub async fn serve_connection(
     let mut access = AccessRecord::new(
         context.config.access_log,
         listener,
-        &client_addr,
+        client_addr,
         upstream,
         accepted,
     );
