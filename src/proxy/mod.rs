@@ -113,12 +113,81 @@ impl fmt::Display for Unavailable {
 
 /// Serves one client connection from accept to close.
 pub async fn serve_connection(
-    mut client: Stream,
+    client: Stream,
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
-    let accepted = Instant::now();
     let group = context.upstream.load_full();
+    // Boxed: the PROXY header, the TLS handshake and the connect attempts
+    // take far more state than the relay and are over in moments; inline,
+    // that state would be part of every connection's task for its whole life.
+    let Some(Established {
+        mut client,
+        mut upstream_stream,
+        lease,
+        client_addr,
+        access,
+    }) = Box::pin(establish(client, client_addr, &context, &group)).await
+    else {
+        return;
+    };
+    // The lease came from `group`, so its index names the same peer there.
+    let peer = &group.peers[lease.index()];
+    #[cfg(debug_assertions)]
+    test_hooks::panic_if_asked(&peer.label);
+    let outcome = relay_streams(
+        &mut client,
+        &mut upstream_stream,
+        context.config.idle_timeout,
+        |sent, received| peer.stats.relayed(sent, received),
+    )
+    .await;
+    // Free the peer before reporting, so whoever reads the report sees it free.
+    drop(lease);
+    let listener = context.config.name.as_str();
+    let upstream = group.name.as_str();
+    let peer = peer.label.as_str();
+    let (sent, received) = (outcome.sent, outcome.received);
+    let close = match &outcome.end {
+        RelayEnd::Done => Close::Done,
+        RelayEnd::Idle => Close::Idle,
+        RelayEnd::Error(Side::Client, err) => Close::ClientError(err),
+        RelayEnd::Error(Side::Upstream, err) => Close::UpstreamError(err),
+    };
+    access.finish(Some(peer), sent, received, close);
+    match outcome.end {
+        RelayEnd::Done => {
+            debug!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed")
+        }
+        RelayEnd::Idle => {
+            info!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed: idle_timeout")
+        }
+        RelayEnd::Error(side, err) => {
+            warn!(listener, upstream, peer, client = %client_addr, sent, received, side = ?side, reason = %err, "connection closed on error")
+        }
+    }
+}
+
+/// A client with a peer connected for it, ready to relay.
+struct Established<'a> {
+    client: Stream,
+    upstream_stream: Stream,
+    lease: Lease,
+    /// Who the client is, as its PROXY header tells if it sent one.
+    client_addr: ClientAddr,
+    access: AccessRecord<'a>,
+}
+
+/// Everything between accept and relay: the client's PROXY header, its TLS
+/// handshake, the connect attempts. `None` when the client was turned away,
+/// which is logged here.
+async fn establish<'a>(
+    mut client: Stream,
+    client_addr: ClientAddr,
+    context: &'a ListenerContext,
+    group: &'a Arc<Upstream>,
+) -> Option<Established<'a>> {
+    let accepted = Instant::now();
     let listener = context.config.name.as_str();
     let upstream = group.name.as_str();
     // The PROXY header comes first on the connection, before any TLS.
@@ -140,7 +209,7 @@ pub async fn serve_connection(
                     accepted,
                 )
                 .finish(None, 0, 0, Close::ClientError(&reason));
-                return;
+                return None;
             }
         }
     }
@@ -155,73 +224,37 @@ pub async fn serve_connection(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        // Boxed, as is the connect below: their state is large and short-lived,
-        // and left inline it would be part of every connection's task for its
-        // whole life.
-        client = match Box::pin(terminate_tls(
-            acceptor,
-            client,
-            context.config.connect_timeout,
-        ))
-        .await
-        {
+        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
             Ok(client) => client,
             Err(reason) => {
                 warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
                 access.finish(None, 0, 0, Close::ClientError(&reason));
-                return;
+                return None;
             }
         };
     }
-    let (lease, mut upstream_stream) = match Box::pin(connect_upstream(
+    match connect_upstream(
         &context.config,
-        &group,
+        group,
         client_addr,
         &proxy_header,
         &mut access,
-    ))
+    )
     .await
     {
-        Ok(connected) => connected,
+        Ok((lease, upstream_stream)) => Some(Established {
+            client,
+            upstream_stream,
+            lease,
+            client_addr,
+            access,
+        }),
         Err(reason) => {
             // Dropping the client closes it at once with nothing written.
             group.count_unavailable();
             warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
             access.finish(None, 0, 0, Close::NoPeer(&reason));
-            return;
-        }
-    };
-    // The lease came from `group`, so its index names the same peer there.
-    let peer = &group.peers[lease.index()];
-    #[cfg(debug_assertions)]
-    test_hooks::panic_if_asked(&peer.label);
-    let outcome = relay_streams(
-        &mut client,
-        &mut upstream_stream,
-        context.config.idle_timeout,
-        |sent, received| peer.stats.relayed(sent, received),
-    )
-    .await;
-    // Free the peer before reporting, so whoever reads the report sees it free.
-    drop(lease);
-    let peer = peer.label.as_str();
-    let (sent, received) = (outcome.sent, outcome.received);
-    let close = match &outcome.end {
-        RelayEnd::Done => Close::Done,
-        RelayEnd::Idle => Close::Idle,
-        RelayEnd::Error(Side::Client, err) => Close::ClientError(err),
-        RelayEnd::Error(Side::Upstream, err) => Close::UpstreamError(err),
-    };
-    access.finish(Some(peer), sent, received, close);
-    match outcome.end {
-        RelayEnd::Done => {
-            debug!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed")
-        }
-        RelayEnd::Idle => {
-            info!(listener, upstream, peer, client = %client_addr, sent, received, "connection closed: idle_timeout")
-        }
-        RelayEnd::Error(side, err) => {
-            warn!(listener, upstream, peer, client = %client_addr, sent, received, side = ?side, reason = %err, "connection closed on error")
+            None
         }
     }
 }
