@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::proxy::ClientAddr;
+
 /// The tracing target of access-log lines.
 pub const TARGET: &str = "sluice::access";
 
@@ -50,11 +52,14 @@ impl Close<'_> {
 }
 
 /// What the access log records of one client connection while it runs.
-/// A disabled record (`access_log = false`) records and writes nothing.
-pub struct AccessRecord<'a> {
-    enabled: bool,
+/// It lives as long as the connection, so an enabled record is kept on the
+/// heap and a disabled one (`access_log = false`) is a null pointer: it
+/// records, writes and holds nothing.
+pub struct AccessRecord<'a>(Option<Box<Record<'a>>>);
+
+struct Record<'a> {
     listener: &'a str,
-    client: &'a (dyn fmt::Display + Sync),
+    client: ClientAddr,
     upstream: &'a str,
     accepted: Instant,
     tries: String,
@@ -66,56 +71,57 @@ impl<'a> AccessRecord<'a> {
     pub fn new(
         enabled: bool,
         listener: &'a str,
-        client: &'a (dyn fmt::Display + Sync),
+        client: ClientAddr,
         upstream: &'a str,
         accepted: Instant,
     ) -> AccessRecord<'a> {
-        AccessRecord {
-            enabled,
-            listener,
-            client,
-            upstream,
-            accepted,
-            tries: String::new(),
-            connect_time: None,
-        }
+        AccessRecord(enabled.then(|| {
+            Box::new(Record {
+                listener,
+                client,
+                upstream,
+                accepted,
+                tries: String::new(),
+                connect_time: None,
+            })
+        }))
     }
 
     /// Notes an attempt on peer `label`; a success also fixes the connect time.
     pub fn tried(&mut self, label: &str, outcome: TryOutcome) {
-        if !self.enabled {
+        let Some(record) = self.0.as_mut() else {
             return;
-        }
-        if !self.tries.is_empty() {
-            self.tries.push_str(", ");
+        };
+        if !record.tries.is_empty() {
+            record.tries.push_str(", ");
         }
         match outcome {
             TryOutcome::Connected => {
-                let _ = write!(self.tries, "{label} connected");
-                self.connect_time = Some(self.accepted.elapsed());
+                let _ = write!(record.tries, "{label} connected");
+                record.connect_time = Some(record.accepted.elapsed());
             }
             TryOutcome::Failed(reason) => {
-                let _ = write!(self.tries, "{label} failed ({reason})");
+                let _ = write!(record.tries, "{label} failed ({reason})");
             }
         }
     }
 
     /// Writes the line. `peer` is the peer relayed to, if any.
     pub fn finish(&self, peer: Option<&str>, sent: u64, received: u64, close: Close<'_>) {
-        if !self.enabled {
+        let Some(record) = self.0.as_ref() else {
             return;
-        }
+        };
         tracing::info!(
             target: TARGET,
-            listener = self.listener,
-            client = %self.client,
-            upstream = self.upstream,
+            listener = record.listener,
+            client = %record.client,
+            upstream = record.upstream,
             peer = peer.unwrap_or("-"),
-            tries = self.tries.as_str(),
-            connect_ms = self.connect_time.map(millis),
+            tries = record.tries.as_str(),
+            connect_ms = record.connect_time.map(millis),
             sent,
             received,
-            duration_ms = millis(self.accepted.elapsed()),
+            duration_ms = millis(record.accepted.elapsed()),
             close = close.keyword(),
             reason = close.detail(),
             "access"
@@ -134,15 +140,16 @@ mod tests {
 
     #[test]
     fn tries_list_every_attempt_in_order() {
-        let mut record = AccessRecord::new(true, "l", &"127.0.0.1:1", "u", Instant::now());
-        record.tried("a", TryOutcome::Failed("connection refused".into()));
-        record.tried("b", TryOutcome::Connected);
+        let mut access = AccessRecord::new(true, "l", ClientAddr::Unix, "u", Instant::now());
+        access.tried("a", TryOutcome::Failed("connection refused".into()));
+        access.tried("b", TryOutcome::Connected);
+        let record = access.0.as_ref().expect("enabled");
         assert_eq!(record.tries, "a failed (connection refused), b connected");
         assert!(record.connect_time.is_some());
 
-        let mut disabled = AccessRecord::new(false, "l", &"127.0.0.1:1", "u", Instant::now());
+        let mut disabled = AccessRecord::new(false, "l", ClientAddr::Unix, "u", Instant::now());
         disabled.tried("a", TryOutcome::Connected);
-        assert_eq!(disabled.tries, "");
+        assert!(disabled.0.is_none());
     }
 
     #[test]

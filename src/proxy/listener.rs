@@ -244,9 +244,11 @@ pub async fn accept_loop(
             Ok((stream, client_addr)) => {
                 backoff = Duration::from_millis(5);
                 let active = metrics.accepted();
-                let serve = serve_connection(stream, client_addr, context.load_full());
+                let context = context.load_full();
+                // Built inside the task: a future built outside and awaited
+                // in it would be stored twice for the connection's life.
                 connections.spawn(async move {
-                    serve.await;
+                    serve_connection(stream, client_addr, context).await;
                     drop(active);
                 });
             }

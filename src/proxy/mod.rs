@@ -11,7 +11,6 @@ pub mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,16 +23,11 @@ use tracing::{debug, info, warn};
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol};
-use crate::stats::PeerStats;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
-use relay::{relay, RelayEnd, RelayOutcome, Side, Traffic};
+use relay::{relay, RelayEnd, RelayOutcome, Side};
 use stream::Stream;
-
-/// How often a long connection's byte counts are added to the peer's
-/// counters; short connections report once, at close.
-const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
@@ -119,100 +113,39 @@ impl fmt::Display for Unavailable {
 
 /// Serves one client connection from accept to close.
 pub async fn serve_connection(
-    mut client: Stream,
+    client: Stream,
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
-    let accepted = Instant::now();
     let group = context.upstream.load_full();
-    let listener = context.config.name.as_str();
-    let upstream = group.name.as_str();
-    // The PROXY header comes first on the connection, before any TLS. The
-    // local address (one more system call) is needed only to send one.
-    let local_addr = match &client {
-        Stream::Tcp(stream) if context.config.proxy_protocol != ProxyProtocol::Off => {
-            stream.local_addr().ok()
-        }
-        Stream::Tcp(_) | Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
-    };
-    let mut origin = Origin::of_connection(client_addr, local_addr);
-    if context.config.accept_proxy_protocol {
-        match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
-            Ok(carried) => origin = carried,
-            Err(reason) => {
-                warn!(listener, upstream, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
-                AccessRecord::new(
-                    context.config.access_log,
-                    listener,
-                    &client_addr,
-                    upstream,
-                    accepted,
-                )
-                .finish(None, 0, 0, Close::ClientError(&reason));
-                return;
-            }
-        }
-    }
-    // From here on the client is who the PROXY header says it is.
-    let client_addr = origin.client;
-    let proxy_header = origin.header(context.config.proxy_protocol);
-    let mut access = AccessRecord::new(
-        context.config.access_log,
-        listener,
-        &client_addr,
-        upstream,
-        accepted,
-    );
-    if let Some(acceptor) = &context.tls {
-        // Boxed, as is the connect below: their state is large and short-lived,
-        // and left inline it would be part of every connection's task for its
-        // whole life.
-        client = match Box::pin(terminate_tls(
-            acceptor,
-            client,
-            context.config.connect_timeout,
-        ))
-        .await
-        {
-            Ok(client) => client,
-            Err(reason) => {
-                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
-                access.finish(None, 0, 0, Close::ClientError(&reason));
-                return;
-            }
-        };
-    }
-    let (lease, mut upstream_stream) = match Box::pin(connect_upstream(
-        &context.config,
-        &group,
+    // Boxed: the PROXY header, the TLS handshake and the connect attempts
+    // take far more state than the relay and are over in moments; inline,
+    // that state would be part of every connection's task for its whole life.
+    let Some(Established {
+        mut client,
+        mut upstream_stream,
+        lease,
         client_addr,
-        &proxy_header,
-        &mut access,
-    ))
-    .await
-    {
-        Ok(connected) => connected,
-        Err(reason) => {
-            // Dropping the client closes it at once with nothing written.
-            group.count_unavailable();
-            warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
-            access.finish(None, 0, 0, Close::NoPeer(&reason));
-            return;
-        }
+        access,
+    }) = Box::pin(establish(client, client_addr, &context, &group)).await
+    else {
+        return;
     };
     // The lease came from `group`, so its index names the same peer there.
     let peer = &group.peers[lease.index()];
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
-    let outcome = relay_reporting(
+    let outcome = relay_streams(
         &mut client,
         &mut upstream_stream,
         context.config.idle_timeout,
-        &peer.stats,
+        |sent, received| peer.stats.relayed(sent, received),
     )
     .await;
     // Free the peer before reporting, so whoever reads the report sees it free.
     drop(lease);
+    let listener = context.config.name.as_str();
+    let upstream = group.name.as_str();
     let peer = peer.label.as_str();
     let (sent, received) = (outcome.sent, outcome.received);
     let close = match &outcome.end {
@@ -235,37 +168,98 @@ pub async fn serve_connection(
     }
 }
 
-/// Relays, adding the bytes to the peer's counters every
-/// TRAFFIC_REPORT_INTERVAL and at the end.
-async fn relay_reporting(
-    client: &mut Stream,
-    upstream: &mut Stream,
-    idle_timeout: Option<Duration>,
-    stats: &PeerStats,
-) -> RelayOutcome {
-    let traffic = Traffic::default();
-    let mut reported = (0, 0);
-    let mut report = |traffic: &Traffic| {
-        let sent = traffic.sent.load(Ordering::Relaxed);
-        let received = traffic.received.load(Ordering::Relaxed);
-        stats.relayed(sent - reported.0, received - reported.1);
-        reported = (sent, received);
-    };
-    let relay = relay_streams(client, upstream, idle_timeout, &traffic);
-    tokio::pin!(relay);
-    let mut ticker = tokio::time::interval_at(
-        Instant::now() + TRAFFIC_REPORT_INTERVAL,
-        TRAFFIC_REPORT_INTERVAL,
-    );
-    let outcome = loop {
-        tokio::select! {
-            biased;
-            outcome = &mut relay => break outcome,
-            _ = ticker.tick() => report(&traffic),
+/// A client with a peer connected for it, ready to relay.
+struct Established<'a> {
+    client: Stream,
+    upstream_stream: Stream,
+    lease: Lease,
+    /// Who the client is, as its PROXY header tells if it sent one.
+    client_addr: ClientAddr,
+    access: AccessRecord<'a>,
+}
+
+/// Everything between accept and relay: the client's PROXY header, its TLS
+/// handshake, the connect attempts. `None` when the client was turned away,
+/// which is logged here.
+async fn establish<'a>(
+    mut client: Stream,
+    client_addr: ClientAddr,
+    context: &'a ListenerContext,
+    group: &'a Arc<Upstream>,
+) -> Option<Established<'a>> {
+    let accepted = Instant::now();
+    let listener = context.config.name.as_str();
+    let upstream = group.name.as_str();
+    // The PROXY header comes first on the connection, before any TLS. The
+    // local address (one more system call) is needed only to send one.
+    let local_addr = match &client {
+        Stream::Tcp(stream) if context.config.proxy_protocol != ProxyProtocol::Off => {
+            stream.local_addr().ok()
         }
+        Stream::Tcp(_) | Stream::Unix(_) | Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
     };
-    report(&traffic);
-    outcome
+    let mut origin = Origin::of_connection(client_addr, local_addr);
+    if context.config.accept_proxy_protocol {
+        match Origin::receive(&mut client, origin, context.config.connect_timeout).await {
+            Ok(carried) => origin = carried,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client closed: no valid PROXY header");
+                AccessRecord::new(
+                    context.config.access_log,
+                    listener,
+                    client_addr,
+                    upstream,
+                    accepted,
+                )
+                .finish(None, 0, 0, Close::ClientError(&reason));
+                return None;
+            }
+        }
+    }
+    // From here on the client is who the PROXY header says it is.
+    let client_addr = origin.client;
+    let proxy_header = origin.header(context.config.proxy_protocol);
+    let mut access = AccessRecord::new(
+        context.config.access_log,
+        listener,
+        client_addr,
+        upstream,
+        accepted,
+    );
+    if let Some(acceptor) = &context.tls {
+        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
+            Ok(client) => client,
+            Err(reason) => {
+                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
+                access.finish(None, 0, 0, Close::ClientError(&reason));
+                return None;
+            }
+        };
+    }
+    match connect_upstream(
+        &context.config,
+        group,
+        client_addr,
+        &proxy_header,
+        &mut access,
+    )
+    .await
+    {
+        Ok((lease, upstream_stream)) => Some(Established {
+            client,
+            upstream_stream,
+            lease,
+            client_addr,
+            access,
+        }),
+        Err(reason) => {
+            // Dropping the client closes it at once with nothing written.
+            group.count_unavailable();
+            warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
+            access.finish(None, 0, 0, Close::NoPeer(&reason));
+            None
+        }
+    }
 }
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
@@ -274,13 +268,13 @@ async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
     idle_timeout: Option<Duration>,
-    traffic: &Traffic,
+    report: impl FnMut(u64, u64),
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
     if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-        return splice::relay(client, upstream, idle_timeout, traffic).await;
+        return splice::relay(client, upstream, idle_timeout, report).await;
     }
-    relay(client, upstream, idle_timeout, traffic).await
+    relay(client, upstream, idle_timeout, report).await
 }
 
 /// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.

@@ -1,15 +1,18 @@
 //! Relaying bytes both ways between two streams with half-close, idle
-//! timeout and bounded buffers.
+//! timeout, periodic byte counts and bounded buffers.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
+
+/// How often a long connection's byte counts are reported; short
+/// connections report once, at close.
+const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Bytes held per direction. A reader that does not keep up leaves the
 /// buffer full, so sluice stops reading the other side: back-pressure,
@@ -32,17 +35,6 @@ pub enum RelayEnd {
     Idle,
     /// A read or write on one side failed (often a reset).
     Error(Side, io::Error),
-}
-
-/// Bytes relayed so far on one connection, readable while the relay runs so
-/// long connections can report progress. Local to the connection: never
-/// contended.
-#[derive(Debug, Default)]
-pub struct Traffic {
-    /// Client → upstream.
-    pub sent: AtomicU64,
-    /// Upstream → client.
-    pub received: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -85,7 +77,7 @@ impl HalfDuplex {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        bytes: &AtomicU64,
+        bytes: &mut u64,
         progressed: &mut bool,
     ) -> Poll<Result<(), CopyError>>
     where
@@ -127,7 +119,7 @@ impl HalfDuplex {
                     return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.start += written;
-                bytes.fetch_add(written as u64, Ordering::Relaxed);
+                *bytes += written as u64;
                 self.need_flush = true;
                 *progressed = true;
             }
@@ -141,41 +133,42 @@ impl HalfDuplex {
 }
 
 /// Relays until both directions have finished, one side fails, or nothing
-/// moves for `idle_timeout`, counting the bytes written each way in `traffic`.
-pub async fn relay<C, U>(
-    client: &mut C,
-    upstream: &mut U,
+/// moves for `idle_timeout`. `report` is given the bytes written each way
+/// (client → upstream, upstream → client) since its previous call, every
+/// TRAFFIC_REPORT_INTERVAL and at the end.
+pub fn relay<'a, C, U, R>(
+    client: &'a mut C,
+    upstream: &'a mut U,
     idle_timeout: Option<Duration>,
-    traffic: &Traffic,
-) -> RelayOutcome
+    report: R,
+) -> impl Future<Output = RelayOutcome> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    R: FnMut(u64, u64) + 'a,
 {
     let mut to_upstream = HalfDuplex::new();
     let mut to_client = HalfDuplex::new();
-    let end = drive(idle_timeout, |cx, direction, progressed| match direction {
-        Direction::ToUpstream => to_upstream.poll_copy(
-            cx,
-            Pin::new(&mut *client),
-            Pin::new(&mut *upstream),
-            &traffic.sent,
-            progressed,
-        ),
-        Direction::ToClient => to_client.poll_copy(
-            cx,
-            Pin::new(&mut *upstream),
-            Pin::new(&mut *client),
-            &traffic.received,
-            progressed,
-        ),
-    })
-    .await;
-    RelayOutcome {
-        sent: traffic.sent.load(Ordering::Relaxed),
-        received: traffic.received.load(Ordering::Relaxed),
-        end,
-    }
+    drive(
+        idle_timeout,
+        report,
+        move |cx, direction, bytes, progressed| match direction {
+            Direction::ToUpstream => to_upstream.poll_copy(
+                cx,
+                Pin::new(&mut *client),
+                Pin::new(&mut *upstream),
+                bytes,
+                progressed,
+            ),
+            Direction::ToClient => to_client.poll_copy(
+                cx,
+                Pin::new(&mut *upstream),
+                Pin::new(&mut *client),
+                bytes,
+                progressed,
+            ),
+        },
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,22 +178,85 @@ pub(super) enum Direction {
 }
 
 /// Polls both directions until both are done, one fails, or nothing moves
-/// for `idle_timeout`. A direction reports whether it moved a byte through
-/// its `progressed` flag.
-pub(super) async fn drive<P>(idle_timeout: Option<Duration>, mut poll_direction: P) -> RelayEnd
+/// for `idle_timeout`, reporting the bytes written as [`relay`] describes. A
+/// direction adds the bytes it writes to its `bytes` and tells whether it
+/// moved a byte through its `progressed` flag.
+///
+/// The future holds just this state (the relays are plain functions, not
+/// nested `async fn`s that would each keep copies of their arguments): it
+/// lives in the connection's task for the connection's whole life.
+pub(super) fn drive<R, P>(
+    idle_timeout: Option<Duration>,
+    report: R,
+    poll_direction: P,
+) -> impl Future<Output = RelayOutcome>
 where
-    P: FnMut(&mut Context<'_>, Direction, &mut bool) -> Poll<Result<(), CopyError>>,
+    R: FnMut(u64, u64),
+    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
 {
-    let mut upstream_done = false;
-    let mut client_done = false;
-    let mut idle_timer = idle_timeout.map(|timeout| (timeout, Box::pin(sleep(timeout))));
-    let mut last_progress = Instant::now();
+    let now = Instant::now();
+    let next_report = now + TRAFFIC_REPORT_INTERVAL;
+    let mut driver = Driver {
+        poll_direction,
+        report,
+        idle_timeout,
+        upstream_done: false,
+        client_done: false,
+        sent: 0,
+        received: 0,
+        sent_reported: 0,
+        received_reported: 0,
+        last_progress: now,
+        next_report,
+        timer: Box::pin(sleep_until(earlier(
+            next_report,
+            idle_timeout.map(|timeout| now + timeout),
+        ))),
+    };
+    poll_fn(move |cx| driver.poll(cx))
+}
 
-    poll_fn(|cx| {
+/// The state of one relay. One timer serves both the idle timeout and the
+/// reports: it is set for the earlier of the two deadlines and re-armed only
+/// when it fires, not on every byte.
+struct Driver<R, P> {
+    poll_direction: P,
+    report: R,
+    idle_timeout: Option<Duration>,
+    upstream_done: bool,
+    client_done: bool,
+    /// Bytes written so far, and as of the last report, each way.
+    sent: u64,
+    received: u64,
+    sent_reported: u64,
+    received_reported: u64,
+    /// When a byte last moved; kept only with an idle timeout.
+    last_progress: Instant,
+    next_report: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<R, P> Driver<R, P>
+where
+    R: FnMut(u64, u64),
+    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayOutcome> {
+        let end = ready!(self.poll_end(cx));
+        self.report_unreported();
+        Poll::Ready(RelayOutcome {
+            sent: self.sent,
+            received: self.received,
+            end,
+        })
+    }
+
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let mut progressed = false;
-        if !upstream_done {
-            match poll_direction(cx, Direction::ToUpstream, &mut progressed) {
-                Poll::Ready(Ok(())) => upstream_done = true,
+        if !self.upstream_done {
+            match (self.poll_direction)(cx, Direction::ToUpstream, &mut self.sent, &mut progressed)
+            {
+                Poll::Ready(Ok(())) => self.upstream_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Client, err))
                 }
@@ -210,9 +266,14 @@ where
                 Poll::Pending => {}
             }
         }
-        if !client_done {
-            match poll_direction(cx, Direction::ToClient, &mut progressed) {
-                Poll::Ready(Ok(())) => client_done = true,
+        if !self.client_done {
+            match (self.poll_direction)(
+                cx,
+                Direction::ToClient,
+                &mut self.received,
+                &mut progressed,
+            ) {
+                Poll::Ready(Ok(())) => self.client_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
                     return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
                 }
@@ -222,23 +283,40 @@ where
                 Poll::Pending => {}
             }
         }
-        if upstream_done && client_done {
+        if self.upstream_done && self.client_done {
             return Poll::Ready(RelayEnd::Done);
         }
-        if let Some((timeout, timer)) = idle_timer.as_mut() {
-            if progressed {
-                last_progress = Instant::now();
+        if progressed && self.idle_timeout.is_some() {
+            self.last_progress = Instant::now();
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if now >= self.next_report {
+                self.report_unreported();
+                self.next_report = now + TRAFFIC_REPORT_INTERVAL;
             }
-            // The timer is re-armed only when it fires, not on every byte.
-            while timer.as_mut().poll(cx).is_ready() {
-                let deadline = last_progress + *timeout;
-                if Instant::now() >= deadline {
-                    return Poll::Ready(RelayEnd::Idle);
-                }
-                timer.as_mut().reset(deadline);
+            let idle_deadline = self
+                .idle_timeout
+                .map(|timeout| self.last_progress + timeout);
+            if idle_deadline.is_some_and(|deadline| now >= deadline) {
+                return Poll::Ready(RelayEnd::Idle);
             }
+            let deadline = earlier(self.next_report, idle_deadline);
+            self.timer.as_mut().reset(deadline);
         }
         Poll::Pending
-    })
-    .await
+    }
+
+    fn report_unreported(&mut self) {
+        (self.report)(
+            self.sent - self.sent_reported,
+            self.received - self.received_reported,
+        );
+        (self.sent_reported, self.received_reported) = (self.sent, self.received);
+    }
+}
+
+/// The earlier of the next report and the idle deadline, if there is one.
+fn earlier(next_report: Instant, idle_deadline: Option<Instant>) -> Instant {
+    idle_deadline.map_or(next_report, |idle| idle.min(next_report))
 }

@@ -6,16 +6,16 @@
 //! connection holds neither.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
 
-use super::relay::{drive, CopyError, Direction, RelayOutcome, Traffic};
+use super::relay::{drive, CopyError, Direction, RelayOutcome};
 use super::stream::PlainSocket;
 
 /// Bytes asked for per splice from a socket; the kernel moves at most what
@@ -157,7 +157,7 @@ impl PlainHalf {
         cx: &mut Context<'_>,
         from: PlainSocket<'_>,
         to: PlainSocket<'_>,
-        bytes: &AtomicU64,
+        bytes: &mut u64,
         progressed: &mut bool,
     ) -> Poll<Result<(), CopyError>> {
         loop {
@@ -187,7 +187,7 @@ impl PlainHalf {
                     }
                     Ok(sent) => {
                         self.start += sent;
-                        bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                        *bytes += sent as u64;
                         *progressed = true;
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -208,7 +208,7 @@ impl PlainHalf {
                     }
                     Ok(moved) => {
                         self.in_pipe -= moved;
-                        bytes.fetch_add(moved as u64, Ordering::Relaxed);
+                        *bytes += moved as u64;
                         *progressed = true;
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -282,29 +282,23 @@ impl PlainHalf {
 
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
-/// counts in `traffic`.
-pub async fn relay(
-    client: PlainSocket<'_>,
-    upstream: PlainSocket<'_>,
+/// counts given to `report`.
+pub fn relay<'a>(
+    client: PlainSocket<'a>,
+    upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
-    traffic: &Traffic,
-) -> RelayOutcome {
+    report: impl FnMut(u64, u64) + 'a,
+) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
-    let end = drive(idle_timeout, |cx, direction, progressed| match direction {
-        Direction::ToUpstream => {
-            to_upstream.poll_move(cx, client, upstream, &traffic.sent, progressed)
-        }
-        Direction::ToClient => {
-            to_client.poll_move(cx, upstream, client, &traffic.received, progressed)
-        }
-    })
-    .await;
-    RelayOutcome {
-        sent: traffic.sent.load(Ordering::Relaxed),
-        received: traffic.received.load(Ordering::Relaxed),
-        end,
-    }
+    drive(
+        idle_timeout,
+        report,
+        move |cx, direction, bytes, progressed| match direction {
+            Direction::ToUpstream => to_upstream.poll_move(cx, client, upstream, bytes, progressed),
+            Direction::ToClient => to_client.poll_move(cx, upstream, client, bytes, progressed),
+        },
+    )
 }
 
 #[cfg(test)]
