@@ -128,5 +128,5 @@ async fn exchange(peer: &Peer, config: &HealthCheckConfig) -> Result<(), String>
 /// servers with TLS), so a check covers what they depend on. No PROXY header:
 /// a check has no client to describe.
 async fn open(peer: &Peer) -> std::io::Result<Stream> {
-    crate::proxy::connect_peer(peer, &[]).await
+    crate::proxy::connect_peer(peer, &[], false).await
 }

@@ -305,3 +305,28 @@ async fn a_client_that_never_reads_back_pressures_the_backend() {
     drop(client);
     writer.abort();
 }
+
+/// sluice lets the handshake's last ACK ride on the first bytes when the
+/// client has already sent some; a server that speaks first must still get
+/// its connection at once, not after a delayed ACK (200 ms here when the
+/// guard is taken out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_speaks_first_is_not_kept_waiting() {
+    let backend = Backend::tcp("greeter", Behavior::Announce).await;
+    let listen = free_addr();
+    let sluice = Sluice::start(&config(&listen, "", "", &[server(backend.addr, "")])).await;
+    const CONNECTIONS: u32 = 40;
+    let started = Instant::now();
+    for _ in 0..CONNECTIONS {
+        assert_eq!(announced(&listen, 7).await, "greeter");
+    }
+    let elapsed = started.elapsed();
+    // Linux delays an ACK by 40 ms at least: 40 connections held up take 1.6 s.
+    assert!(
+        elapsed < Duration::from_millis(40) * CONNECTIONS / 2,
+        "{CONNECTIONS} server-first connections took {elapsed:?}"
+    );
+    assert_eq!(backend.accepted(), CONNECTIONS as usize);
+    drop(sluice);
+    backend.finish().await;
+}

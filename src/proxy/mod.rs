@@ -11,11 +11,13 @@ pub mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpSocket, UnixStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -236,11 +238,13 @@ async fn establish<'a>(
             }
         };
     }
+    let client_spoke = has_bytes_waiting(&client);
     match connect_upstream(
         &context.config,
         group,
         client_addr,
         &proxy_header,
+        client_spoke,
         &mut access,
     )
     .await
@@ -283,6 +287,7 @@ async fn connect_upstream(
     group: &Arc<Upstream>,
     client_addr: ClientAddr,
     proxy_header: &[u8],
+    client_spoke: bool,
     access: &mut AccessRecord<'_>,
 ) -> Result<(Lease, Stream), Unavailable> {
     let started = Instant::now();
@@ -310,7 +315,8 @@ async fn connect_upstream(
         };
         attempts += 1;
         // One timeout covers the connect and the TLS handshake.
-        let reason = match connect_within(timeout, attempt.peer(), proxy_header).await {
+        let reason = match connect_within(timeout, attempt.peer(), proxy_header, client_spoke).await
+        {
             Connected::Stream(stream) => {
                 access.tried(&attempt.peer().label, TryOutcome::Connected);
                 return Ok((attempt.succeeded(), stream));
@@ -344,9 +350,18 @@ async fn connect_upstream(
 
 /// Connects to the peer, sends `proxy_header` (if not empty) in the clear,
 /// and, if the peer speaks TLS, completes the handshake. Health checks
-/// connect the same way.
-pub(crate) async fn connect_peer(peer: &Peer, proxy_header: &[u8]) -> io::Result<Stream> {
-    let mut stream = connect(&peer.target).await?;
+/// connect the same way. `client_spoke`: the client has sent bytes that
+/// will follow the connect at once.
+pub(crate) async fn connect_peer(
+    peer: &Peer,
+    proxy_header: &[u8],
+    client_spoke: bool,
+) -> io::Result<Stream> {
+    // When bytes go out right after the handshake, its last ACK can ride on
+    // them: one packet fewer per connection (HAProxy does the same). Never
+    // otherwise: a server that speaks first would wait for a delayed ACK.
+    let sends_at_once = client_spoke || !proxy_header.is_empty() || peer.tls.is_some();
+    let mut stream = connect(&peer.target, sends_at_once).await?;
     if !proxy_header.is_empty() {
         stream.write_all(proxy_header).await.map_err(|err| {
             io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
@@ -394,13 +409,18 @@ enum Connected {
 
 /// Connects within `timeout`. When sluice is out of descriptors it waits for
 /// one to free up rather than turning away a client it has already accepted.
-async fn connect_within(timeout: Duration, peer: &Peer, proxy_header: &[u8]) -> Connected {
+async fn connect_within(
+    timeout: Duration,
+    peer: &Peer,
+    proxy_header: &[u8],
+    client_spoke: bool,
+) -> Connected {
     let mut local_error = None;
     let outcome = tokio::time::timeout(timeout, async {
         let mut pause = Duration::from_millis(5);
         loop {
             local_error = None;
-            match connect_peer(peer, proxy_header).await {
+            match connect_peer(peer, proxy_header, client_spoke).await {
                 Err(err) if is_local_resource_error(&err) => {
                     local_error = Some(err);
                     tokio::time::sleep(pause).await;
@@ -426,15 +446,43 @@ fn is_local_resource_error(err: &io::Error) -> bool {
     )
 }
 
-async fn connect(target: &PeerTarget) -> io::Result<Stream> {
+async fn connect(target: &PeerTarget, delay_handshake_ack: bool) -> io::Result<Stream> {
     match target {
         PeerTarget::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(Stream::Tcp(stream))
+            let socket = match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.set_nodelay(true)?;
+            if delay_handshake_ack {
+                // Only an optimisation: a refusal changes nothing else.
+                let _ = SockRef::from(&socket).set_quickack(false);
+            }
+            Ok(Stream::Tcp(socket.connect(*addr).await?))
         }
         PeerTarget::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
     }
+}
+
+/// Whether the client has sent bytes not read yet; one non-blocking peek.
+fn has_bytes_waiting(client: &Stream) -> bool {
+    let fd = match client {
+        Stream::Tcp(stream) => stream.as_raw_fd(),
+        Stream::Unix(stream) => stream.as_raw_fd(),
+        // Bytes a TLS client sent sit decrypted in the session, not here.
+        Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => return false,
+    };
+    let mut byte = [0u8; 1];
+    // SAFETY: `byte` is valid for writes of its length; the descriptor is open.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            byte.as_mut_ptr().cast(),
+            byte.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked > 0
 }
 
 /// The bytes `balance = "hash"` hashes for this client; empty for other methods.
