@@ -14,6 +14,11 @@ use tokio::time::{sleep_until, Instant, Sleep};
 /// connections report once, at close.
 const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// When neither a report nor an idle deadline is due (no idle_timeout, no
+/// bytes since the last report) the timer cannot be left unset: it is set
+/// this far ahead and set again when it fires.
+const NOTHING_DUE_RECHECK: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Bytes held per direction. A reader that does not keep up leaves the
 /// buffer full, so sluice stops reading the other side: back-pressure,
 /// never more memory.
@@ -195,7 +200,7 @@ where
     P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
 {
     let now = Instant::now();
-    let next_report = now + TRAFFIC_REPORT_INTERVAL;
+    let next_report = Some(now + TRAFFIC_REPORT_INTERVAL);
     let mut driver = Driver {
         poll_direction,
         report,
@@ -208,10 +213,10 @@ where
         received_reported: 0,
         last_progress: now,
         next_report,
-        timer: Box::pin(sleep_until(earlier(
-            next_report,
-            idle_timeout.map(|timeout| now + timeout),
-        ))),
+        timer: Box::pin(sleep_until(
+            earlier(next_report, idle_timeout.map(|timeout| now + timeout))
+                .unwrap_or(now + NOTHING_DUE_RECHECK),
+        )),
     };
     poll_fn(move |cx| driver.poll(cx))
 }
@@ -232,7 +237,9 @@ struct Driver<R, P> {
     received_reported: u64,
     /// When a byte last moved; kept only with an idle timeout.
     last_progress: Instant,
-    next_report: Instant,
+    /// None while nothing moved since the last report: an idle connection
+    /// is not woken for reports with nothing in them.
+    next_report: Option<Instant>,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -286,14 +293,26 @@ where
         if self.upstream_done && self.client_done {
             return Poll::Ready(RelayEnd::Done);
         }
-        if progressed && self.idle_timeout.is_some() {
-            self.last_progress = Instant::now();
+        if progressed {
+            if self.idle_timeout.is_some() {
+                self.last_progress = Instant::now();
+            }
+            if self.next_report.is_none() {
+                // The first bytes after a quiet spell: reports resume.
+                let next_report = Instant::now() + TRAFFIC_REPORT_INTERVAL;
+                self.next_report = Some(next_report);
+                if next_report < self.timer.deadline() {
+                    self.timer.as_mut().reset(next_report);
+                }
+            }
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if now >= self.next_report {
+            if self.next_report.is_some_and(|at| now >= at) {
+                let moved =
+                    (self.sent, self.received) != (self.sent_reported, self.received_reported);
+                self.next_report = moved.then_some(now + TRAFFIC_REPORT_INTERVAL);
                 self.report_unreported();
-                self.next_report = now + TRAFFIC_REPORT_INTERVAL;
             }
             let idle_deadline = self
                 .idle_timeout
@@ -301,13 +320,17 @@ where
             if idle_deadline.is_some_and(|deadline| now >= deadline) {
                 return Poll::Ready(RelayEnd::Idle);
             }
-            let deadline = earlier(self.next_report, idle_deadline);
+            let deadline =
+                earlier(self.next_report, idle_deadline).unwrap_or(now + NOTHING_DUE_RECHECK);
             self.timer.as_mut().reset(deadline);
         }
         Poll::Pending
     }
 
     fn report_unreported(&mut self) {
+        if (self.sent, self.received) == (self.sent_reported, self.received_reported) {
+            return;
+        }
         (self.report)(
             self.sent - self.sent_reported,
             self.received - self.received_reported,
@@ -316,7 +339,126 @@ where
     }
 }
 
-/// The earlier of the next report and the idle deadline, if there is one.
-fn earlier(next_report: Instant, idle_deadline: Option<Instant>) -> Instant {
-    idle_deadline.map_or(next_report, |idle| idle.min(next_report))
+/// The earlier of the next report and the idle deadline, if either is set.
+fn earlier(next_report: Option<Instant>, idle_deadline: Option<Instant>) -> Option<Instant> {
+    match (next_report, idle_deadline) {
+        (Some(report), Some(idle)) => Some(report.min(idle)),
+        (report, idle) => report.or(idle),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::pin::pin;
+    use std::rc::Rc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
+
+    use super::*;
+
+    /// The (sent, received) pairs a relay reported.
+    type Reports = Rc<RefCell<Vec<(u64, u64)>>>;
+
+    /// A relay whose client sends whatever `pending` holds when polled and
+    /// that never ends, with the reports it made.
+    fn fake_relay(
+        idle_timeout: Option<Duration>,
+    ) -> (impl Future<Output = RelayOutcome>, Rc<Cell<u64>>, Reports) {
+        let pending = Rc::new(Cell::new(0));
+        let reports = Rc::new(RefCell::new(Vec::new()));
+        let relay = drive(
+            idle_timeout,
+            {
+                let reports = Rc::clone(&reports);
+                move |sent, received| reports.borrow_mut().push((sent, received))
+            },
+            {
+                let pending = Rc::clone(&pending);
+                move |_: &mut Context<'_>, direction, bytes: &mut u64, progressed: &mut bool| {
+                    if let Direction::ToUpstream = direction {
+                        let moved = pending.replace(0);
+                        *bytes += moved;
+                        *progressed |= moved > 0;
+                    }
+                    Poll::Pending
+                }
+            },
+        );
+        (relay, pending, reports)
+    }
+
+    /// Counts the wake-ups of the task it is given to.
+    #[derive(Default)]
+    struct WakeCount(AtomicUsize);
+
+    impl Wake for WakeCount {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn poll_once<F: Future>(future: Pin<&mut F>, waker: &Waker) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(waker))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_while_bytes_move_and_sleeps_while_idle() {
+        let (relay, pending, reports) = fake_relay(None);
+        let mut relay = pin!(relay);
+        let wakes = Arc::new(WakeCount::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        pending.set(100);
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        tokio::time::advance(TRAFFIC_REPORT_INTERVAL).await;
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        assert_eq!(*reports.borrow(), [(100, 0)]);
+
+        // Nothing moves: one more check finds nothing to report, then the
+        // connection's task is not woken again (for a day).
+        tokio::time::advance(TRAFFIC_REPORT_INTERVAL).await;
+        assert!(poll_once(relay.as_mut(), &waker).is_pending());
+        let woken = wakes.0.load(Ordering::Relaxed);
+        tokio::time::advance(TRAFFIC_REPORT_INTERVAL * 100).await;
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            woken,
+            "an idle relay was woken"
+        );
+        assert!(poll_once(relay.as_mut(), &waker).is_pending());
+        assert_eq!(*reports.borrow(), [(100, 0)]);
+
+        // Bytes again: reports resume one interval later.
+        pending.set(7);
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        tokio::time::advance(TRAFFIC_REPORT_INTERVAL).await;
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        assert_eq!(*reports.borrow(), [(100, 0), (7, 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_still_ends_a_relay_whose_reports_stopped() {
+        let idle = Duration::from_secs(60);
+        let (relay, pending, reports) = fake_relay(Some(idle));
+        let mut relay = pin!(relay);
+        pending.set(10);
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        tokio::time::advance(idle - Duration::from_millis(1)).await;
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        // Past the deadline (the timer works in whole milliseconds).
+        tokio::time::advance(Duration::from_millis(2)).await;
+        match poll_once(relay.as_mut(), Waker::noop()) {
+            Poll::Ready(RelayOutcome {
+                sent: 10,
+                received: 0,
+                end: RelayEnd::Idle,
+            }) => {}
+            other => panic!(
+                "expected an idle end after 10 bytes, got {:?}",
+                other.map(|o| o.end)
+            ),
+        }
+        assert_eq!(*reports.borrow(), [(10, 0)]);
+    }
 }
