@@ -214,11 +214,14 @@ pub async fn run(
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
-    let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
-    let admin = AdminState::new(metrics, supervisor.upstreams());
-    if let Some(admin_config) = &supervisor.config().admin {
+    // The admin endpoint comes first, so probes see 503 `starting` (not a
+    // refused connection) while upstreams resolve and listeners bind.
+    let admin = AdminState::new(metrics, BTreeMap::new());
+    if let Some(admin_config) = &config.admin {
         admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
     }
+    let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
+    admin.set_upstreams(supervisor.upstreams());
     admin.set_listening();
     // Started after the SIGHUP handler is installed: it signals this process.
     let config_watch = watch.map(config_watch::spawn);

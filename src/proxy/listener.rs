@@ -108,6 +108,8 @@ fn tcp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpLis
         // `[::1]` means IPv6 only; `[::]` keeps the OS's dual-stack default.
         socket.set_only_v6(!addr.ip().is_unspecified())?;
     }
+    // Accepted sockets inherit it on Linux: no setsockopt per client.
+    socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -183,8 +185,6 @@ impl Acceptor {
         match self {
             Acceptor::Tcp(listener) => {
                 let (stream, addr) = listener.accept().await?;
-                // A client connection that cannot take the option is still served.
-                let _ = stream.set_nodelay(true);
                 Ok((Stream::Tcp(stream), ClientAddr::Inet(addr)))
             }
             Acceptor::Unix(listener) => {
@@ -274,4 +274,48 @@ async fn backed_off(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     }
     *backoff = (*backoff * 2).min(MAX_ACCEPT_BACKOFF);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_from_the_listening_socket() {
+        // Port 0: the probe bind picks a free port, which both sockets share.
+        let address = Address::Inet {
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        let socket = bind("test", &address, 0o600, 2).await.expect("bound");
+        let BoundSocket::Tcp(sockets) = &socket else {
+            panic!("a TCP address binds TCP sockets");
+        };
+        assert_eq!(sockets.len(), 2);
+        let addr = sockets[0].local_addr().expect("an address");
+        assert_eq!(sockets[1].local_addr().expect("an address"), addr);
+        let clients: Vec<_> = (0..8)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connected"))
+            .collect();
+        let acceptors = [
+            socket.acceptor(0).expect("registered"),
+            socket.acceptor(1).expect("registered"),
+        ];
+        let mut accepted = 0;
+        // Each client is queued on one of the two sockets; 100 rounds of
+        // 50 ms bound the wait.
+        for _ in 0..100 {
+            if accepted == clients.len() {
+                break;
+            }
+            for acceptor in &acceptors {
+                let ready = tokio::time::timeout(Duration::from_millis(50), acceptor.accept());
+                if let Ok(Ok((Stream::Tcp(stream), _))) = ready.await {
+                    assert!(stream.nodelay().expect("readable option"));
+                    accepted += 1;
+                }
+            }
+        }
+        assert_eq!(accepted, clients.len());
+    }
 }
