@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -25,10 +26,17 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// What each pipe is asked to hold instead of the kernel's 64 KiB: four times
 /// fewer system calls and wake-ups per byte of a bulk transfer (one stream
 /// went from 59% to 72% of the direct rate, docs/BENCHMARKS.md). Page
-/// references are held only while bytes are in the pipe. Linux counts pipe
-/// capacity per user (fs.pipe-user-pages-soft, 64 MiB by default, about 256
-/// such pipes); past it the request fails and the pipe keeps its default size.
+/// references are held only while bytes are in the pipe.
 const PIPE_CAPACITY: libc::c_int = 256 * 1024;
+
+/// Linux counts pipe capacity per unprivileged user (fs.pipe-user-pages-soft,
+/// 64 MiB by default); past it every new pipe of that user, in any process,
+/// gets less than the default (pipe(7)). Pipes beyond this many keep the
+/// default size, so sluice's larger pipes use at most 32 MiB of the budget.
+const MAX_LARGE_PIPES: usize = 128;
+
+/// Pipes of PIPE_CAPACITY open in the process, pooled ones included.
+static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
 
 /// Empty pipes, and buffers, kept per worker thread for the next
 /// connection with data.
@@ -37,6 +45,16 @@ const POOL_PER_THREAD: usize = 64;
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Counted in LARGE_PIPES until dropped.
+    large: bool,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if self.large {
+            LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 thread_local! {
@@ -55,10 +73,17 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut large = LARGE_PIPES.fetch_add(1, Ordering::Relaxed) < MAX_LARGE_PIPES;
         // SAFETY: `write` is an open pipe descriptor; F_SETPIPE_SZ takes an int.
         // A refusal (the per-user limit) leaves a working pipe of the default size.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) };
-        Ok(Pipe { read, write })
+        if large && unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) } < 0
+        {
+            large = false;
+        }
+        if !large {
+            LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(Pipe { read, write, large })
     }
 
     /// Only an empty pipe may go back: the next user must not see old bytes.
@@ -305,15 +330,35 @@ pub fn relay<'a>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_new_pipe_holds_pipe_capacity_and_goes_back_to_the_pool() {
-        let pipe = Pipe::take().expect("a pipe");
+    fn capacity(pipe: &Pipe) -> libc::c_int {
         // SAFETY: the descriptor is an open pipe for the duration of the call.
-        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        assert_eq!(size, PIPE_CAPACITY);
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) }
+    }
+
+    /// One test, as the count of large pipes is process-wide.
+    #[test]
+    fn pipes_are_large_up_to_the_cap_and_pooled() {
+        let pipe = Pipe::take().expect("a pipe");
+        assert_eq!(capacity(&pipe), PIPE_CAPACITY);
         let fd = pipe.read.as_raw_fd();
         pipe.give_back();
         let again = Pipe::take().expect("a pipe");
         assert_eq!(again.read.as_raw_fd(), fd, "the pooled pipe is reused");
+
+        let mut held = vec![again];
+        for _ in 0..MAX_LARGE_PIPES {
+            held.push(Pipe::take().expect("a pipe"));
+        }
+        let large = held
+            .iter()
+            .filter(|pipe| capacity(pipe) == PIPE_CAPACITY)
+            .count();
+        assert_eq!(large, MAX_LARGE_PIPES);
+        assert!(held
+            .last()
+            .is_some_and(|pipe| !pipe.large && capacity(pipe) < PIPE_CAPACITY));
+        assert_eq!(LARGE_PIPES.load(Ordering::Relaxed), MAX_LARGE_PIPES);
+        drop(held);
+        assert_eq!(LARGE_PIPES.load(Ordering::Relaxed), 0);
     }
 }
