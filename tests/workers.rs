@@ -35,7 +35,7 @@ fn worker_switches(pid: i32) -> BTreeMap<String, u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_robin_is_exact_across_three_workers_that_all_accept() {
+async fn round_robin_is_exact_across_three_workers_sharing_the_clients() {
     let backends = [
         Backend::tcp("a", Behavior::Announce).await,
         Backend::tcp("b", Behavior::Announce).await,
