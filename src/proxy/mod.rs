@@ -10,8 +10,8 @@ pub mod stream;
 
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -466,23 +466,15 @@ async fn connect(target: &PeerTarget, delay_handshake_ack: bool) -> io::Result<S
 
 /// Whether the client has sent bytes not read yet; one non-blocking peek.
 fn has_bytes_waiting(client: &Stream) -> bool {
-    let fd = match client {
-        Stream::Tcp(stream) => stream.as_raw_fd(),
-        Stream::Unix(stream) => stream.as_raw_fd(),
+    let socket = match client {
+        Stream::Tcp(stream) => SockRef::from(stream),
+        Stream::Unix(stream) => SockRef::from(stream),
         // Bytes a TLS client sent sit decrypted in the session, not here.
         Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => return false,
     };
-    let mut byte = [0u8; 1];
-    // SAFETY: `byte` is valid for writes of its length; the descriptor is open.
-    let peeked = unsafe {
-        libc::recv(
-            fd,
-            byte.as_mut_ptr().cast(),
-            byte.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    peeked > 0
+    // The socket is non-blocking: an empty queue is WouldBlock, not a wait.
+    let mut byte = [MaybeUninit::uninit()];
+    socket.peek(&mut byte).is_ok_and(|peeked| peeked > 0)
 }
 
 /// The bytes `balance = "hash"` hashes for this client; empty for other methods.
