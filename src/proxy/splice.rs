@@ -73,13 +73,10 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut large = LARGE_PIPES.fetch_add(1, Ordering::Relaxed) < MAX_LARGE_PIPES;
         // SAFETY: `write` is an open pipe descriptor; F_SETPIPE_SZ takes an int.
         // A refusal (the per-user limit) leaves a working pipe of the default size.
-        if large && unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) } < 0
-        {
-            large = false;
-        }
+        let large = LARGE_PIPES.fetch_add(1, Ordering::Relaxed) < MAX_LARGE_PIPES
+            && unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) } >= 0;
         if !large {
             LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
         }
