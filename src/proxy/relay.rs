@@ -213,10 +213,11 @@ where
         received_reported: 0,
         last_progress: now,
         next_report,
-        timer: Box::pin(sleep_until(
-            earlier(next_report, idle_timeout.map(|timeout| now + timeout))
-                .unwrap_or(now + NOTHING_DUE_RECHECK),
-        )),
+        timer: Box::pin(sleep_until(timer_deadline(
+            now,
+            next_report,
+            idle_timeout.map(|timeout| now + timeout),
+        ))),
     };
     poll_fn(move |cx| driver.poll(cx))
 }
@@ -320,9 +321,9 @@ where
             if idle_deadline.is_some_and(|deadline| now >= deadline) {
                 return Poll::Ready(RelayEnd::Idle);
             }
-            let deadline =
-                earlier(self.next_report, idle_deadline).unwrap_or(now + NOTHING_DUE_RECHECK);
-            self.timer.as_mut().reset(deadline);
+            self.timer
+                .as_mut()
+                .reset(timer_deadline(now, self.next_report, idle_deadline));
         }
         Poll::Pending
     }
@@ -339,11 +340,16 @@ where
     }
 }
 
-/// The earlier of the next report and the idle deadline, if either is set.
-fn earlier(next_report: Option<Instant>, idle_deadline: Option<Instant>) -> Option<Instant> {
+/// When the timer should fire next: the earlier of the next report and the
+/// idle deadline, or NOTHING_DUE_RECHECK from `now` when neither is set.
+fn timer_deadline(
+    now: Instant,
+    next_report: Option<Instant>,
+    idle_deadline: Option<Instant>,
+) -> Instant {
     match (next_report, idle_deadline) {
-        (Some(report), Some(idle)) => Some(report.min(idle)),
-        (report, idle) => report.or(idle),
+        (Some(report), Some(idle)) => report.min(idle),
+        (report, idle) => report.or(idle).unwrap_or(now + NOTHING_DUE_RECHECK),
     }
 }
 
