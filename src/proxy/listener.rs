@@ -205,6 +205,8 @@ fn is_connection_error(err: &io::Error) -> bool {
     )
 }
 
+/// The first pause after a failed accept; it doubles up to MAX_ACCEPT_BACKOFF.
+const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Worker `worker`'s share of a listener: accepts clients until `stop`
@@ -219,7 +221,7 @@ pub async fn accept_loop(
 ) {
     let name = context.load().config.name.clone();
     let metrics = ListenerMetrics::new(&name);
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = FIRST_ACCEPT_BACKOFF;
     // Clients the kernel queues on this worker's socket wait until it
     // accepts, so a failure here is retried, never given up.
     let acceptor = loop {
@@ -233,7 +235,7 @@ pub async fn accept_loop(
             }
         }
     };
-    backoff = Duration::from_millis(5);
+    backoff = FIRST_ACCEPT_BACKOFF;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -242,7 +244,7 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, client_addr)) => {
-                backoff = Duration::from_millis(5);
+                backoff = FIRST_ACCEPT_BACKOFF;
                 let active = metrics.accepted();
                 let context = context.load_full();
                 // Built inside the task: a future built outside and awaited
