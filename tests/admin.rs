@@ -313,6 +313,52 @@ async fn unavailable_closes_are_counted_and_server_up_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_max_fails_failures_within_fail_timeout_mark_a_peer_failed() {
+    let (dead, _dead_socket) = refusing_addr();
+    let (listen, admin) = (free_addr(), free_addr());
+    let _sluice = Sluice::start(&with_admin(
+        config(
+            &listen,
+            "",
+            "",
+            &[server(
+                &dead,
+                "name = \"only\"\nmax_fails = 2\nfail_timeout = \"2s\"",
+            )],
+        ),
+        &admin,
+    ))
+    .await;
+    let failures_reach = |count: f64| {
+        let admin = admin.clone();
+        async move {
+            scrape_until(&admin, "the failure counted", |s| {
+                s.peer(FAILURES, "only") == count
+            })
+            .await
+        }
+    };
+
+    turned_away(&listen).await;
+    let first = std::time::Instant::now();
+    assert_eq!(failures_reach(1.0).await.peer(UP, "only"), 1.0);
+
+    // The second failure comes after fail_timeout: the first no longer counts.
+    tokio::time::sleep_until((first + Duration::from_millis(2300)).into()).await;
+    turned_away(&listen).await;
+    assert_eq!(failures_reach(2.0).await.peer(UP, "only"), 1.0);
+    assert_eq!(peer_status(&status(&admin).await, "only")["state"], "up");
+
+    // A third right after it is the second within fail_timeout: failed.
+    turned_away(&listen).await;
+    assert_eq!(failures_reach(3.0).await.peer(UP, "only"), 0.0);
+    assert_eq!(
+        peer_status(&status(&admin).await, "only")["state"],
+        "failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_failed_down_up_and_backup_peers() {
     let live = Backend::tcp("live", Behavior::Echo).await;
     let spare = Backend::tcp("spare", Behavior::Echo).await;

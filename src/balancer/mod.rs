@@ -315,12 +315,17 @@ impl Selector {
         let mut health = self.health[picked].lock();
         health.active += 1;
         // Once fail_timeout has passed, a pick opens a new window: if the peer
-        // had failed, this is the single probe the window lets through.
+        // had failed, this is the single probe the window lets through;
+        // otherwise its earlier failures are too old to count (§3: max_fails
+        // failures *within* fail_timeout).
         if health
             .checked
             .is_none_or(|checked| now.saturating_duration_since(checked) > params.fail_timeout)
         {
             health.probing = params.max_fails > 0 && health.fails >= params.max_fails;
+            if !health.probing {
+                health.fails = 0;
+            }
             health.checked = Some(now);
         }
         Some(picked)
@@ -534,6 +539,44 @@ mod tests {
         selector.health(index).failed(now);
         assert_eq!(selector.state(0, now), PeerState::Failed);
         assert_eq!(selector.select(now, &Tried::default(), b""), None);
+    }
+
+    #[test]
+    fn failures_further_apart_than_fail_timeout_do_not_add_up() {
+        let mut tolerant = params(1);
+        tolerant.max_fails = 2;
+        let mut selector = round_robin(vec![tolerant]);
+        let start = Instant::now();
+        let fail_at = |selector: &mut Selector, now: Instant| {
+            let index = selector.select(now, &Tried::default(), b"").unwrap();
+            selector.health(index).failed(now);
+        };
+        fail_at(&mut selector, start);
+        let apart = start + Duration::from_secs(11);
+        fail_at(&mut selector, apart);
+        assert_eq!(selector.state(0, apart), PeerState::Up);
+
+        // A second failure inside the window does mark it.
+        let inside = apart + Duration::from_secs(9);
+        fail_at(&mut selector, inside);
+        assert_eq!(selector.state(0, inside), PeerState::Failed);
+    }
+
+    #[test]
+    fn a_success_inside_the_window_does_not_forgive_its_failures() {
+        let mut tolerant = params(1);
+        tolerant.max_fails = 2;
+        let mut selector = round_robin(vec![tolerant]);
+        let start = Instant::now();
+        let first = selector.select(start, &Tried::default(), b"").unwrap();
+        selector.health(first).failed(start);
+        let later = start + Duration::from_secs(3);
+        let index = selector.select(later, &Tried::default(), b"").unwrap();
+        selector.health(index).succeeded();
+        selector.health(index).released();
+        let index = selector.select(later, &Tried::default(), b"").unwrap();
+        selector.health(index).failed(later);
+        assert_eq!(selector.state(0, later), PeerState::Failed);
     }
 
     #[test]
