@@ -63,22 +63,34 @@ pub enum LogFormat {
 const EXIT_CONFIG: u8 = 1;
 const EXIT_START: u8 = 2;
 
+/// Prints clap's message. `--help` and `--version` exit 0; a bad command
+/// line is a configuration error (exit 1), like a bad option value found
+/// later, not clap's usual 2, which the contract keeps for start-up failures.
+fn command_line_error(err: clap::Error) -> ExitCode {
+    let _ = err.print();
+    if err.use_stderr() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(err) => err.exit(),
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
+        Err(err) => return command_line_error(err),
     };
     // Checked here, not by clap, so that $SLUICE_CONFIG in the environment
     // does not count as a conflicting --config.
     if cli.fluent_bit.is_some() && matches.value_source("config") == Some(ValueSource::CommandLine)
     {
-        Cli::command()
-            .error(
-                ErrorKind::ArgumentConflict,
-                "--fluent-bit and --config cannot be used together",
-            )
-            .exit();
+        return command_line_error(Cli::command().error(
+            ErrorKind::ArgumentConflict,
+            "--fluent-bit and --config cannot be used together",
+        ));
     }
     if let Err(err) = init_logging(cli.log_format, cli.log_level.as_deref()) {
         eprintln!("sluice: invalid --log-level: {err}");

@@ -151,6 +151,36 @@ fn a_missing_file_exits_1_naming_it() {
 }
 
 #[test]
+fn a_bad_command_line_is_a_configuration_error_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, names) in [
+        (&["--log-format", "xml"][..], "xml"),
+        (&["--no-such-flag"][..], "--no-such-flag"),
+        (&["--config"][..], "--config"),
+        (&["--fluent-bit", "nodes.conf"][..], "--bind"),
+        (&["--bind", "127.0.0.1:24224"][..], "--fluent-bit"),
+        (
+            &[
+                "--fluent-bit",
+                "nodes.conf",
+                "--bind",
+                "127.0.0.1:24224",
+                "--config",
+                "x.toml",
+            ][..],
+            "--config",
+        ),
+        (&["--workers", "abc"][..], "--workers"),
+        (&["--log-level", "=[[bad"][..], "--log-level"),
+    ] {
+        let (code, stdout, stderr) = run_sluice(args, &[], dir.path());
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?} printed to stdout: {stdout}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn config_comes_from_sluice_config_then_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("elsewhere.toml");

@@ -76,7 +76,7 @@ pub enum PeerState {
 #[derive(Debug, Clone, Default)]
 struct Health {
     active: u32,
-    /// Failures counted since the last success (nginx `fails`).
+    /// Failures in the current window (nginx `fails`).
     fails: u32,
     /// When the current failure window started or the last probe was let through (nginx `checked`).
     checked: Option<Instant>,
