@@ -130,6 +130,26 @@ fn each_configuration_error_exits_1_naming_file_line_and_key() {
                 "(in `address = \"nohost.invalid:2\"`)",
             ],
         ),
+        (
+            "two servers of one name",
+            format!(
+                "{VALID}[[upstream.pool.server]]\naddress = \"127.0.0.1:3\"\nname = \"node-1\"\n"
+            ),
+            ":13:",
+            &[
+                "server name \"node-1\" is already used",
+                "(in `name = \"node-1\"`)",
+            ],
+        ),
+        (
+            "one address twice without names",
+            format!(
+                "{}[[upstream.pool.server]]\naddress = \"127.0.0.1:2\"\n",
+                VALID.replace("name = \"node-1\"\n", "")
+            ),
+            ":11:",
+            &["distinct `name`s", "(in `address = \"127.0.0.1:2\"`)"],
+        ),
     ];
     for (what, text, line, needles) in cases {
         let (code, _, stderr) = check(&text);

@@ -490,8 +490,28 @@ impl Source<'_> {
         if let Some(file) = raw.from_fluent_bit {
             servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
         }
+        // Servers are told apart by label in metrics, logs and `/status`.
+        // Fluent Bit nodes of one name are kept, as Fluent Bit keeps them.
+        let mut labels: HashSet<String> = servers.iter().map(ServerConfig::label).collect();
         for server in raw.server {
-            servers.push(self.validate_server(upstream, &balance, group_tls, server)?);
+            let label_span = server
+                .name
+                .as_ref()
+                .map_or(server.address.span(), Spanned::span);
+            let server = self.validate_server(upstream, &balance, group_tls, server)?;
+            if !labels.insert(server.label()) {
+                let message = match &server.name {
+                    Some(name) => format!(
+                        "upstream {upstream:?}: server name {name:?} is already used by another server of this upstream"
+                    ),
+                    None => format!(
+                        "upstream {upstream:?}: server {} has no `name` and another server of this upstream has the same label (its address); give them distinct `name`s, or their metrics would merge",
+                        server.address
+                    ),
+                };
+                return Err(self.error(Some(label_span), message));
+            }
+            servers.push(server);
         }
         let mut resolver = Vec::new();
         for entry in raw.resolver.iter().flatten() {
@@ -1162,6 +1182,34 @@ ca_file = "own-ca.pem"
         assert!(err.message.contains("server_name"), "{err}");
     }
 
+    #[test]
+    fn servers_of_one_upstream_need_distinct_labels() {
+        let second = |extra: &str| {
+            format!("{MINIMAL}name = \"x\"\n[[upstream.u.server]]\naddress = \"127.0.0.1:7002\"\n{extra}")
+        };
+        let err = error_of(&second("name = \"x\"\n"));
+        assert_eq!(err.line, Some(13), "{err}");
+        assert!(
+            err.message
+                .contains("server name \"x\" is already used by another server of this upstream"),
+            "{err}"
+        );
+        assert!(parse(&second("name = \"y\"\n")).is_ok());
+
+        // Without `name`, the address is the label: listing it twice would
+        // merge the two servers' metrics.
+        let twice = format!("{MINIMAL}[[upstream.u.server]]\naddress = \"127.0.0.1:7001\"\n");
+        let err = error_of(&twice);
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("distinct `name`s"), "{err}");
+        assert!(parse(&format!("{twice}name = \"again\"\n")).is_ok());
+
+        // Labels are per upstream.
+        let other = MINIMAL.replace("upstream = \"u\"", "upstream = \"v\"")
+            + "[[upstream.v.server]]\naddress = \"127.0.0.1:7001\"\n";
+        assert!(parse(&other).is_ok());
+    }
+
     const UPSTREAM_FILE: &str = "[UPSTREAM]\n    name  fb\n\n[NODE]\n    name  one\n    host  127.0.0.1\n    port  7101\n\n\
         [NODE]\n    name  two\n    host  backend.test\n    port  7102\n    tls   on\n    tls.vhost  sni.test\n\
         \x20   tls.ca_path  /cas\n    shared_key  secret\n";
@@ -1217,6 +1265,28 @@ ca_file = "own-ca.pem"
             message.ends_with("(in `ca_file = \"/ca.pem\"`)"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn fluent_bit_nodes_of_one_name_are_kept_but_a_server_may_not_join_them() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nfrom_fluent_bit = \"nodes.conf\"",
+        );
+        let same_names = UPSTREAM_FILE.replace("name  two", "name  one");
+        let config = with_upstream_file(&text, &same_names).unwrap();
+        let labels: Vec<String> = config.upstreams["u"]
+            .servers
+            .iter()
+            .map(ServerConfig::label)
+            .collect();
+        assert_eq!(labels, ["one", "one", "127.0.0.1:7001"]);
+
+        let err =
+            with_upstream_file(&format!("{text}name = \"two\"\n"), UPSTREAM_FILE).unwrap_err();
+        assert!(err.file.ends_with("sluice.toml"), "{err}");
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("\"two\" is already used"), "{err}");
     }
 
     #[test]
