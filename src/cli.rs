@@ -163,11 +163,8 @@ pub fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(StartError::Config(message)) => {
-            eprintln!(
-                "sluice: configuration error: {}: {message}",
-                source.display()
-            );
+        Err(StartError::Config(err)) => {
+            eprintln!("sluice: configuration error: {}", err.in_file(&source));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(err) => {

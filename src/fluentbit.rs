@@ -57,6 +57,19 @@ pub struct Node {
     /// The file holding the section and the line where it starts.
     pub file: PathBuf,
     pub line: usize,
+    /// The line of each key (lower-cased), in file order, for errors found
+    /// only when a value is used, such as a host that does not resolve.
+    pub key_lines: Vec<(String, usize)>,
+}
+
+impl Node {
+    /// The line of `key` (lower-cased), else the line where the section starts.
+    pub fn line_of(&self, key: &str) -> usize {
+        self.key_lines
+            .iter()
+            .find(|(named, _)| named == key)
+            .map_or(self.line, |(_, line)| *line)
+    }
 }
 
 /// Why a file could not be read as an upstream file, and where.
@@ -560,7 +573,9 @@ fn build_node(section: RawSection) -> Result<Node, FluentBitError> {
     let mut tls_crt_file = None;
     let mut tls_key_file = None;
     let mut extra = Vec::new();
+    let mut key_lines = Vec::with_capacity(entries.len());
     for entry in entries {
+        key_lines.push((entry.key.clone(), entry.line));
         let at = |message: String| FluentBitError::at(&file, entry.line, message);
         match entry.key.as_str() {
             "name" => name = Some(entry.value),
@@ -600,6 +615,7 @@ fn build_node(section: RawSection) -> Result<Node, FluentBitError> {
         extra,
         file,
         line,
+        key_lines,
     })
 }
 
@@ -1009,6 +1025,8 @@ mod tests {
         let node = &parsed.nodes[0];
         assert_eq!((node.name.as_str(), node.host.as_str()), ("n1", "h1"));
         assert_eq!(node.line, 6);
+        assert_eq!((node.line_of("host"), node.line_of("port")), (8, 9));
+        assert_eq!(node.line_of("tls.ca_file"), 6, "a key not set: the section");
         assert_eq!(
             node.extra,
             [(
@@ -1547,6 +1565,7 @@ upstream_servers:
             ]
         );
         assert_eq!(parsed.nodes[1].tls_vhost.as_deref(), Some("sni.example"));
+        assert_eq!(parsed.nodes[0].line_of("host"), 6);
         assert_eq!(
             parsed.nodes[2].extra,
             [("shared_key".to_string(), "secret".to_string())]

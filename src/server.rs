@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminBindError, AdminState};
-use crate::config::Config;
+use crate::config::{Config, ValueError};
 use crate::config_watch::{self, ConfigWatch};
 use crate::metrics::{self, MetricsError};
 use crate::proxy::listener::BindError;
@@ -24,8 +24,8 @@ use crate::workers::Workers;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A value of the configuration that only fails when used, such as a host name that does not resolve: exit 1.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(ValueError),
     /// The OS refused a resource, such as an address in use: exit 2.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -48,7 +48,7 @@ pub async fn resolve_upstreams(
     for (name, upstream) in &config.upstreams {
         let resolved = Upstream::resolve(upstream, None)
             .await
-            .map_err(StartError::Config)?;
+            .map_err(|err| StartError::Config(err.into()))?;
         upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
     }
     Ok(upstreams)
@@ -164,7 +164,7 @@ fn describe_client_tls(tls: &ClientTlsSettings) -> String {
 impl From<PrepareError> for StartError {
     fn from(err: PrepareError) -> Self {
         match err {
-            PrepareError::Config(message) => StartError::Config(message),
+            PrepareError::Config(err) => StartError::Config(err),
             PrepareError::Bind(err) => StartError::Bind(err),
         }
     }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::config::{Address, Config, ListenerConfig, UpstreamConfig};
+use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError};
 use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
 use crate::proxy::ListenerContext;
 use crate::upstream::{SharedUpstream, Upstream};
@@ -69,8 +69,8 @@ enum ListenerPlan {
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// A value that only fails when used, such as a host name that does not resolve.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(ValueError),
     #[error(transparent)]
     Bind(#[from] BindError),
 }
@@ -146,7 +146,7 @@ impl Supervisor {
                     let old = running.shared.load_full();
                     let build = Upstream::resolve(upstream, Some(&old))
                         .await
-                        .map_err(PrepareError::Config)?;
+                        .map_err(|err| PrepareError::Config(err.into()))?;
                     // A group with TLS is always rebuilt, so a reload
                     // re-reads its certificate files.
                     let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
@@ -159,7 +159,7 @@ impl Supervisor {
                 None => {
                     let build = Upstream::resolve(upstream, None)
                         .await
-                        .map_err(PrepareError::Config)?;
+                        .map_err(|err| PrepareError::Config(err.into()))?;
                     UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
                 }
             };
@@ -175,10 +175,10 @@ impl Supervisor {
                 _ => match self.upstreams.get(&listener.upstream) {
                     Some(running) => Arc::clone(&running.shared),
                     None => {
-                        return Err(PrepareError::Config(format!(
+                        return Err(PrepareError::Config(ValueError::Unplaced(format!(
                             "listener {:?}: unknown upstream {:?}",
                             listener.name, listener.upstream
-                        )))
+                        ))))
                     }
                 },
             };

@@ -133,6 +133,39 @@ pub enum TlsError {
     ProtocolVersions(rustls::Error),
 }
 
+/// What a TLS setting's file holds: tells apart two settings naming one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PemKind {
+    Certificates,
+    PrivateKey,
+}
+
+impl TlsError {
+    /// The file (or `ca_path` directory, or file in it) the error is about,
+    /// so the caller can name the setting that gave it, with what the file
+    /// was read for when the error tells; for a key that does not match its
+    /// certificate, the key.
+    pub fn file(&self) -> Option<(&Path, Option<PemKind>)> {
+        let certificates = Some(PemKind::Certificates);
+        let private_key = Some(PemKind::PrivateKey);
+        match self {
+            TlsError::Read { path, .. } => Some((path, None)),
+            TlsError::NoCertificate { path }
+            | TlsError::InvalidCertificate { path, .. }
+            | TlsError::ClientVerifier { path, .. } => Some((path, certificates)),
+            TlsError::CertificateWithoutKey { cert_file } => Some((cert_file, certificates)),
+            TlsError::NoPrivateKey { path } | TlsError::UnusableKey { path, .. } => {
+                Some((path, private_key))
+            }
+            TlsError::KeyMismatch { key_file, .. }
+            | TlsError::KeyWithoutCertificate { key_file } => Some((key_file, private_key)),
+            TlsError::NoSystemRoots { .. }
+            | TlsError::InvalidServerName { .. }
+            | TlsError::ProtocolVersions(_) => None,
+        }
+    }
+}
+
 /// Builds the connector for one upstream server. `default_host` (the host of
 /// the server's address) is the name used when `settings.server_name` is unset.
 pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOrigin, TlsError> {
@@ -221,7 +254,7 @@ fn ring_provider() -> Arc<CryptoProvider> {
 
 /// An IP literal (bare, or bracketed as in `[::1]:443`) is checked against the
 /// certificate's IP SANs; anything else must be a valid DNS name.
-fn parse_server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+pub fn parse_server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     let unbracketed = name
         .strip_prefix('[')
         .and_then(|inner| inner.strip_suffix(']'))
@@ -836,6 +869,11 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains(&pki.server.cert.display().to_string()));
         assert!(message.contains(&pki.impostor.key.display().to_string()));
+        // The key is what the configuration's error line points at.
+        assert_eq!(
+            error.file(),
+            Some((pki.impostor.key.as_path(), Some(PemKind::PrivateKey)))
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use std::time::Instant;
 
 use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
-use crate::config::{Address, Balance, ServerConfig, UpstreamConfig};
+use crate::config::{Address, Balance, ConfigError, ServerConfig, UpstreamConfig};
 use crate::stats::{unavailable_counter, PeerStats};
 use crate::tls::{self, TlsOrigin};
 use tracing::warn;
@@ -70,10 +70,11 @@ impl Upstream {
     /// gives one peer each) and builds the group. Peers also in `previous`
     /// keep their health (active connections, failures). Each load of the
     /// group warns once per server whose TLS certificate is not verified.
+    /// An error names the line of the server's address or TLS file.
     pub async fn resolve(
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
-    ) -> Result<Upstream, String> {
+    ) -> Result<Upstream, ConfigError> {
         let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
             let resolved = if server.resolve {
@@ -86,10 +87,10 @@ impl Upstream {
                     .map_err(|err| err.to_string())
             };
             targets.push(resolved.map_err(|err| {
-                format!(
+                server.address_line.error(format!(
                     "upstream {:?}: cannot resolve server address {}: {err}",
                     config.name, server.address
-                )
+                ))
             })?);
         }
         let group = Upstream::assemble(config, targets, previous)?;
@@ -103,7 +104,7 @@ impl Upstream {
         config: &UpstreamConfig,
         targets: Vec<Vec<PeerTarget>>,
         previous: Option<&Upstream>,
-    ) -> Result<Upstream, String> {
+    ) -> Result<Upstream, ConfigError> {
         let mut peers = Vec::new();
         for (server, targets) in config.servers.iter().zip(targets) {
             let tls = server_tls(&config.name, server)?;
@@ -195,18 +196,23 @@ impl Upstream {
     }
 }
 
-/// Reads a server's TLS files; an error names the file (a configuration error).
-fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, String> {
+/// Reads a server's TLS files; an error names the file and the line naming
+/// it, else the server's address line (a configuration error).
+fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>, ConfigError> {
     let Some(settings) = &server.tls else {
         return Ok(None);
     };
     // A unix: server always has `server_name` (the configuration requires it).
     let host = server.address.host().unwrap_or_default();
     tls::origin(settings, host).map(Some).map_err(|err| {
-        format!(
+        let line = server
+            .tls_lines
+            .naming(&err)
+            .unwrap_or(&server.address_line);
+        line.error(format!(
             "upstream {upstream:?}: server {}: TLS: {err}",
             server.label()
-        )
+        ))
     })
 }
 

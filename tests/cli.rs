@@ -121,6 +121,35 @@ fn each_configuration_error_exits_1_naming_file_line_and_key() {
             ":11:",
             &["weight"],
         ),
+        (
+            "host that does not resolve",
+            VALID.replace("127.0.0.1:2", "nohost.invalid:2"),
+            ":9:",
+            &[
+                "cannot resolve server address nohost.invalid:2",
+                "(in `address = \"nohost.invalid:2\"`)",
+            ],
+        ),
+        (
+            "two servers of one name",
+            format!(
+                "{VALID}[[upstream.pool.server]]\naddress = \"127.0.0.1:3\"\nname = \"node-1\"\n"
+            ),
+            ":13:",
+            &[
+                "server name \"node-1\" is already used",
+                "(in `name = \"node-1\"`)",
+            ],
+        ),
+        (
+            "one address twice without names",
+            format!(
+                "{}[[upstream.pool.server]]\naddress = \"127.0.0.1:2\"\n",
+                VALID.replace("name = \"node-1\"\n", "")
+            ),
+            ":11:",
+            &["distinct `name`s", "(in `address = \"127.0.0.1:2\"`)"],
+        ),
     ];
     for (what, text, line, needles) in cases {
         let (code, _, stderr) = check(&text);
@@ -139,6 +168,32 @@ fn each_configuration_error_exits_1_naming_file_line_and_key() {
                 "{what} does not name {needle}: {stderr}"
             );
         }
+    }
+}
+
+/// Found only when the value is used, but named like a parse error, and the
+/// same whether checking or starting.
+#[test]
+fn a_host_that_does_not_resolve_names_its_line_at_start_up_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unres.toml");
+    std::fs::write(&path, VALID.replace("127.0.0.1:2", "nohost.invalid:2")).unwrap();
+    for args in [&["--check"][..], &[]] {
+        let mut args = args.to_vec();
+        args.extend(["--config", path.to_str().unwrap()]);
+        let (code, _, stderr) = run_sluice(&args, &[], dir.path());
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "configuration error: {}:9: upstream \"pool\": cannot resolve server address nohost.invalid:2: ",
+                path.display()
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("(in `address = \"nohost.invalid:2\"`)"),
+            "{args:?}: {stderr}"
+        );
     }
 }
 

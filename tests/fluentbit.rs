@@ -298,10 +298,12 @@ fn check_maps_node_tls_keys_and_expands_the_environment() {
         "unix:/tmp/sluice-fb.sock",
     ];
     let (code, stdout, stderr) = run_sluice(&args, &[("NODE_PORT", "24299")], dir.path());
-    // The files do not exist: --check reads them, so this is exit 1 naming one.
+    // The files do not exist: --check reads them, so this is exit 1 naming
+    // the first read and the line of its key.
     assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("/etc/ca.pem"), "{stderr}");
     assert!(
-        stderr.contains("/etc/ca.pem") || stderr.contains("/etc/cas"),
+        stderr.contains(&format!("{}:9: ", file.display())),
         "{stderr}"
     );
 
@@ -356,6 +358,11 @@ fn upstream_file_errors_exit_1_naming_file_and_line() {
         ),
         ("[UPSTREAM]\n name a\n[NODE]\n name n\n port 24224\n", 3),
         ("[UPSTREAM]\n name a\n[SERVER]\n name n\n", 3),
+        // Found when the host is resolved, named at its `host` line.
+        (
+            "[UPSTREAM]\n name a\n[NODE]\n name n\n port 1\n host nohost.invalid\n",
+            6,
+        ),
         (
             "[UPSTREAM]\n name a\n[NODE]\n name n\n host h\n port 1\n tls maybe\n",
             7,

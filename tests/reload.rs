@@ -229,6 +229,25 @@ async fn an_invalid_file_keeps_the_running_configuration() {
     assert!(outcome.contains("reload failed"), "{outcome}");
     assert!(outcome.contains("sluice.toml:6"), "{outcome}");
 
+    // A host that does not resolve: found after reading, named like a
+    // syntax error, with the line of its `address`.
+    let unresolvable = running.replacen(&backends[0].addr.to_string(), "nohost.invalid:1", 1);
+    let line = unresolvable
+        .lines()
+        .position(|line| line.contains("nohost.invalid"))
+        .unwrap()
+        + 1;
+    let outcome = reload(&sluice, &unresolvable).await;
+    assert!(outcome.contains("reload failed"), "{outcome}");
+    assert!(
+        outcome.contains(&format!("sluice.toml:{line}: ")),
+        "{outcome}"
+    );
+    assert!(
+        outcome.contains("(in `address = ") && outcome.contains("nohost.invalid:1"),
+        "{outcome}"
+    );
+
     // A valid file whose new listener cannot bind: nothing of it applies,
     // not even the weights.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -250,7 +269,7 @@ async fn an_invalid_file_keeps_the_running_configuration() {
         .iter()
         .filter(|l| l.contains("ERROR"))
         .count();
-    assert_eq!(errors, 2, "{}", sluice.log_text());
+    assert_eq!(errors, 3, "{}", sluice.log_text());
     // Still weights 1 and 1, from the same round-robin state.
     let mut order = String::new();
     for _ in 0..4 {

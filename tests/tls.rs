@@ -455,11 +455,13 @@ async fn bytes_intact_through_termination_and_origination_at_once() {
     backend.finish().await;
 }
 
-/// `--check` reads every TLS file; a problem is exit 1 naming the file.
+/// `--check` reads every TLS file; a problem is exit 1 naming the file, and
+/// the line of the key naming it (quoted), wherever that key is.
 #[tokio::test]
-async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
+async fn unusable_tls_files_are_configuration_errors_naming_the_file_and_line() {
     let (dir, pki) = pki();
     let missing = dir.path().join("missing-ca.pem");
+    // (server, listener's extra lines, upstream's extra lines, the file named, the key naming it)
     let cases = [
         (
             server(
@@ -470,7 +472,16 @@ async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
                 ),
             ),
             String::new(),
-            missing.display().to_string(),
+            String::new(),
+            &missing,
+            "ca_file",
+        ),
+        (
+            server("127.0.0.1:9", ""),
+            String::new(),
+            format!("[upstream.pool.tls]\n{}", toml_path("ca_file", &missing)),
+            &missing,
+            "ca_file",
         ),
         (
             server(
@@ -482,7 +493,9 @@ async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
                 ),
             ),
             String::new(),
-            pki.impostor.key.display().to_string(),
+            String::new(),
+            &pki.impostor.key,
+            "key_file",
         ),
         (
             server("127.0.0.1:9", ""),
@@ -491,7 +504,20 @@ async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
                 toml_path("cert_file", &pki.server.cert),
                 toml_path("key_file", &missing)
             ),
-            missing.display().to_string(),
+            String::new(),
+            &missing,
+            "key_file",
+        ),
+        (
+            server("127.0.0.1:9", ""),
+            format!(
+                "[listener.tls]\n{}{}",
+                toml_path("cert_file", &pki.server.cert),
+                toml_path("key_file", &pki.impostor.key)
+            ),
+            String::new(),
+            &pki.impostor.key,
+            "key_file",
         ),
         (
             server("127.0.0.1:9", ""),
@@ -501,11 +527,13 @@ async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
                 toml_path("key_file", &pki.server.key),
                 toml_path("client_ca_file", &pki.server.key)
             ),
-            pki.server.key.display().to_string(),
+            String::new(),
+            &pki.server.key,
+            "client_ca_file",
         ),
     ];
-    for (server, listener_extra, named) in cases {
-        let text = config("127.0.0.1:9", &listener_extra, "", &[server]);
+    for (server, listener_extra, upstream_extra, named, key) in cases {
+        let text = config("127.0.0.1:9", &listener_extra, &upstream_extra, &[server]);
         let path = dir.path().join("sluice.toml");
         std::fs::write(&path, &text).unwrap();
         let (code, _, stderr) = run_sluice(
@@ -514,7 +542,22 @@ async fn unusable_tls_files_are_configuration_errors_naming_the_file() {
             dir.path(),
         );
         assert_eq!(code, 1, "{text}\n{stderr}");
+        let named = named.display().to_string();
         assert!(stderr.contains(&named), "{named} not in {stderr}");
+        let key_line = toml_path(key, Path::new(&named));
+        let line = text
+            .lines()
+            .position(|line| line == key_line.trim_end())
+            .unwrap()
+            + 1;
+        assert!(
+            stderr.contains(&format!("{}:{line}: ", path.display())),
+            "{key} at line {line} not in {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("(in `{}`)", key_line.trim_end())),
+            "{key} not quoted in {stderr}"
+        );
     }
 }
 

@@ -10,11 +10,11 @@ use toml::Spanned;
 
 use super::raw::RawClientTls;
 use super::{
-    server_defaults, Address, Balance, Config, ConfigError, ListenerConfig, ProxyProtocol,
-    ServerConfig, Source, UpstreamConfig,
+    server_defaults, Address, Balance, Config, ConfigError, FileLines, KeyLine, ListenerConfig,
+    ProxyProtocol, ServerConfig, Source, UpstreamConfig,
 };
 use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
-use crate::tls::ClientTlsSettings;
+use crate::tls::{ClientTlsSettings, PemKind};
 
 /// What a `--fluent-bit` configuration uses where a TOML file would say more:
 /// the TOML defaults.
@@ -46,6 +46,7 @@ impl Config {
             next_upstream_timeout: None,
             unix_mode: 0o660,
             tls: None,
+            tls_lines: FileLines::default(),
             access_log: true,
             proxy_protocol: ProxyProtocol::Off,
             accept_proxy_protocol: false,
@@ -89,19 +90,41 @@ impl Source<'_> {
                 config_error(err)
             }
         })?;
-        let group_tls = group_tls.map(|tls| {
-            let tls = tls.get_ref();
-            ClientTlsSettings {
-                verify: tls.verify.unwrap_or(true),
-                server_name: tls.server_name.clone(),
-                ca_file: tls.ca_file.clone().map(|p| self.relative(p)),
-                ca_path: None,
-                cert_file: tls.cert_file.clone().map(|p| self.relative(p)),
-                key_file: tls.key_file.clone().map(|p| self.relative(p)),
-            }
-        });
+        let group_tls = match group_tls {
+            Some(tls) => Some(self.group_tls(upstream, tls.get_ref())?),
+            None => None,
+        };
         servers_from_nodes(&upstream_file, group_tls.as_ref())
     }
+
+    /// The upstream's `tls` table as the nodes take it, with its files' lines.
+    fn group_tls(&self, upstream: &str, tls: &RawClientTls) -> Result<GroupTls, ConfigError> {
+        if let Some(name) = &tls.server_name {
+            crate::tls::parse_server_name(name.get_ref())
+                .map_err(|err| self.error_at(name, format!("upstream {upstream:?}: TLS: {err}")))?;
+        }
+        let mut lines = FileLines::default();
+        let mut file = |path: &Option<Spanned<PathBuf>>, kind: PemKind| {
+            path.clone()
+                .map(|path| self.tls_file(path, kind, &mut lines))
+        };
+        let settings = ClientTlsSettings {
+            verify: tls.verify.unwrap_or(true),
+            server_name: tls.server_name.clone().map(Spanned::into_inner),
+            ca_file: file(&tls.ca_file, PemKind::Certificates),
+            ca_path: None,
+            cert_file: file(&tls.cert_file, PemKind::Certificates),
+            key_file: file(&tls.key_file, PemKind::PrivateKey),
+        };
+        Ok(GroupTls { settings, lines })
+    }
+}
+
+/// An upstream's `tls` table, for the nodes of its Fluent Bit file.
+struct GroupTls {
+    settings: ClientTlsSettings,
+    /// Where its files were named.
+    lines: FileLines,
 }
 
 /// One server per node, in file order. A node's TLS is on only with `tls on`;
@@ -109,7 +132,7 @@ impl Source<'_> {
 /// certificate a node does not set; `tls.verify` is always the node's.
 fn servers_from_nodes(
     file: &UpstreamFile,
-    group_tls: Option<&ClientTlsSettings>,
+    group_tls: Option<&GroupTls>,
 ) -> Result<Vec<ServerConfig>, ConfigError> {
     file.nodes
         .iter()
@@ -119,17 +142,61 @@ fn servers_from_nodes(
 
 fn server_from_node(
     node: &Node,
-    group_tls: Option<&ClientTlsSettings>,
+    group_tls: Option<&GroupTls>,
 ) -> Result<ServerConfig, ConfigError> {
+    let key_line = |key: &str| KeyLine {
+        file: node.file.clone(),
+        line: node.line_of(key),
+        quote: None,
+    };
+    let mut tls_lines = FileLines::default();
     let tls = if node.tls {
-        let group = group_tls.cloned().unwrap_or_default();
+        let group = group_tls.map(|group| &group.settings);
+        // The node's own key, else the group's, noted with the line naming it.
+        let mut file =
+            |own: &Option<PathBuf>, key: &str, kind: PemKind, inherited: Option<&PathBuf>| {
+                let line = match (own, inherited) {
+                    (Some(path), _) => Some((path, key_line(key))),
+                    (None, Some(path)) => group_tls
+                        .and_then(|group| group.lines.of(path, Some(kind)))
+                        .map(|line| (path, line.clone())),
+                    (None, None) => None,
+                };
+                if let Some((path, line)) = line {
+                    tls_lines.add(path, kind, line);
+                }
+                own.as_ref().or(inherited).cloned()
+            };
         let settings = ClientTlsSettings {
             verify: node.tls_verify,
-            server_name: node.tls_vhost.clone().or(group.server_name),
-            ca_file: node.tls_ca_file.clone().or(group.ca_file),
-            ca_path: node.tls_ca_path.clone(),
-            cert_file: node.tls_crt_file.clone().or(group.cert_file),
-            key_file: node.tls_key_file.clone().or(group.key_file),
+            server_name: node
+                .tls_vhost
+                .clone()
+                .or_else(|| group.and_then(|group| group.server_name.clone())),
+            ca_file: file(
+                &node.tls_ca_file,
+                "tls.ca_file",
+                PemKind::Certificates,
+                group.and_then(|group| group.ca_file.as_ref()),
+            ),
+            ca_path: file(
+                &node.tls_ca_path,
+                "tls.ca_path",
+                PemKind::Certificates,
+                None,
+            ),
+            cert_file: file(
+                &node.tls_crt_file,
+                "tls.crt_file",
+                PemKind::Certificates,
+                group.and_then(|group| group.cert_file.as_ref()),
+            ),
+            key_file: file(
+                &node.tls_key_file,
+                "tls.key_file",
+                PemKind::PrivateKey,
+                group.and_then(|group| group.key_file.as_ref()),
+            ),
         };
         let problem = match (&settings.cert_file, &settings.key_file) {
             (Some(_), None) => Some("`tls.crt_file` is given without `tls.key_file`"),
@@ -152,6 +219,7 @@ fn server_from_node(
             host: node.host.clone(),
             port: node.port,
         },
+        address_line: key_line("host"),
         name: Some(node.name.clone()),
         weight: server_defaults::WEIGHT,
         max_conns: 0,
@@ -163,6 +231,7 @@ fn server_from_node(
         resolve: false,
         resolve_interval: server_defaults::RESOLVE_INTERVAL,
         tls,
+        tls_lines,
         plugin_keys: node.extra.clone(),
     })
 }

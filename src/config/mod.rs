@@ -28,7 +28,7 @@ mod server_defaults {
 }
 use toml::Spanned;
 
-use crate::tls::{ClientTlsSettings, ServerTlsSettings};
+use crate::tls::{self, ClientTlsSettings, PemKind, ServerTlsSettings, TlsError};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +59,8 @@ pub struct ListenerConfig {
     pub accept_proxy_protocol: bool,
     /// `[listener.tls]`: terminate TLS from clients.
     pub tls: Option<ServerTlsSettings>,
+    /// Where the files of `tls` were named.
+    pub tls_lines: FileLines,
     /// One access-log line per client connection at its close.
     pub access_log: bool,
 }
@@ -99,6 +101,8 @@ pub struct HealthCheckConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub address: Address,
+    /// Where `address` (a Fluent Bit node's `host`) was written.
+    pub address_line: KeyLine,
     pub name: Option<String>,
     pub weight: u32,
     /// `0`: unlimited.
@@ -116,6 +120,9 @@ pub struct ServerConfig {
     pub resolve_interval: Duration,
     /// TLS origination towards this server; `None`: plain.
     pub tls: Option<ClientTlsSettings>,
+    /// Where the files of `tls` were named (the server's table, the group's
+    /// or the node's).
+    pub tls_lines: FileLines,
     /// Keys of a Fluent Bit node that sluice keeps but does not use
     /// (`shared_key`, ...), in file order; listed by `--check`.
     pub plugin_keys: Vec<(String, String)>,
@@ -143,6 +150,106 @@ impl fmt::Display for ConfigError {
         match self.line {
             Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
             None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// Where a key was written, so that an error found only when its value is
+/// used (a host that does not resolve, a TLS file that cannot be read) names
+/// the line as an error found while reading the file does.
+#[derive(Debug, Clone)]
+pub struct KeyLine {
+    file: PathBuf,
+    line: usize,
+    /// The line as written, quoted in errors; `None` in Fluent Bit files,
+    /// whose errors do not quote their lines.
+    quote: Option<String>,
+}
+
+impl KeyLine {
+    /// An error about the value written on this line.
+    pub fn error(&self, message: String) -> ConfigError {
+        // Quoting the offending line names the key even when the message
+        // only talks about the value.
+        let message = match &self.quote {
+            Some(quote) => format!("{message} (in `{quote}`)"),
+            None => message,
+        };
+        ConfigError {
+            file: self.file.clone(),
+            line: Some(self.line),
+            message,
+        }
+    }
+}
+
+/// Where a value was written is not part of the configuration: a reload
+/// that only moves lines changes nothing.
+impl PartialEq for KeyLine {
+    fn eq(&self, _: &KeyLine) -> bool {
+        true
+    }
+}
+
+impl Eq for KeyLine {}
+
+/// The line naming each TLS file (or `ca_path` directory) of a listener or
+/// server, in the order they are read, for the errors of reading them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileLines(Vec<(PathBuf, PemKind, KeyLine)>);
+
+impl FileLines {
+    fn add(&mut self, path: &Path, kind: PemKind, line: KeyLine) {
+        self.0.push((path.to_owned(), kind, line));
+    }
+
+    /// The line of the setting whose file `err` is about.
+    pub fn naming(&self, err: &TlsError) -> Option<&KeyLine> {
+        let (path, kind) = err.file()?;
+        self.of(path, kind)
+    }
+
+    /// The first line naming `path` for holding `kind` (any, if `None`), else
+    /// the first naming a directory holding it.
+    fn of(&self, path: &Path, kind: Option<PemKind>) -> Option<&KeyLine> {
+        let named = |exact: bool| {
+            self.0
+                .iter()
+                .filter(|(_, holds, _)| kind.is_none_or(|kind| kind == *holds))
+                .find(|(named, _, _)| {
+                    if exact {
+                        named == path
+                    } else {
+                        path.starts_with(named)
+                    }
+                })
+                .map(|(_, _, line)| line)
+        };
+        named(true).or_else(|| named(false))
+    }
+}
+
+/// A configuration error found only when a value is used, after the file
+/// was read: with the line of the value where sluice knows it.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error(transparent)]
+    At(#[from] ConfigError),
+    #[error("{0}")]
+    Unplaced(String),
+}
+
+impl ValueError {
+    /// As an error of the configuration `file`, unless it names its own
+    /// (a Fluent Bit file).
+    pub fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ValueError::At(err) => err,
+            ValueError::Unplaced(message) => ConfigError {
+                file: file.to_owned(),
+                line: None,
+                message,
+            },
         }
     }
 }
@@ -175,23 +282,40 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn error(&self, span: Option<Range<usize>>, message: String) -> ConfigError {
-        let line = span.map(|span| {
-            let start = span.start.min(self.text.len());
-            self.text[..start].matches('\n').count() + 1
-        });
-        // Quoting the offending line names the key even when the parser's
-        // message only talks about the value.
-        let message = match line.and_then(|n| self.text.lines().nth(n - 1)) {
-            Some(source_line) if !source_line.trim().is_empty() => {
-                format!("{message} (in `{}`)", source_line.trim())
-            }
-            _ => message,
-        };
-        ConfigError {
+        match span {
+            Some(span) => self.key_line(span).error(message),
+            None => ConfigError {
+                file: self.path.to_owned(),
+                line: None,
+                message,
+            },
+        }
+    }
+
+    /// The line holding the start of `span`.
+    fn key_line(&self, span: Range<usize>) -> KeyLine {
+        let start = span.start.min(self.text.len());
+        let line = self.text[..start].matches('\n').count() + 1;
+        let quote = self
+            .text
+            .lines()
+            .nth(line - 1)
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+            .map(str::to_owned);
+        KeyLine {
             file: self.path.to_owned(),
             line,
-            message,
+            quote,
         }
+    }
+
+    /// A TLS file key's path, relative to the file's directory; notes its line in `lines`.
+    fn tls_file(&self, value: Spanned<PathBuf>, kind: PemKind, lines: &mut FileLines) -> PathBuf {
+        let line = self.key_line(value.span());
+        let path = self.relative(value.into_inner());
+        lines.add(&path, kind, line);
+        path
     }
 
     fn error_at<T>(&self, spanned: &Spanned<T>, message: String) -> ConfigError {
@@ -308,6 +432,14 @@ impl Source<'_> {
             None => 0o660,
         };
         let span = raw.name.span();
+        let mut tls_lines = FileLines::default();
+        let tls = raw.tls.map(|tls| ServerTlsSettings {
+            cert_file: self.tls_file(tls.cert_file, PemKind::Certificates, &mut tls_lines),
+            key_file: self.tls_file(tls.key_file, PemKind::PrivateKey, &mut tls_lines),
+            client_ca_file: tls
+                .client_ca_file
+                .map(|path| self.tls_file(path, PemKind::Certificates, &mut tls_lines)),
+        });
         Ok(ValidatedListener {
             name: (name.clone(), span),
             bind_span,
@@ -322,11 +454,8 @@ impl Source<'_> {
                 unix_mode,
                 proxy_protocol: raw.proxy_protocol,
                 accept_proxy_protocol: raw.accept_proxy_protocol,
-                tls: raw.tls.map(|tls| ServerTlsSettings {
-                    cert_file: self.relative(tls.cert_file),
-                    key_file: self.relative(tls.key_file),
-                    client_ca_file: tls.client_ca_file.map(|path| self.relative(path)),
-                }),
+                tls,
+                tls_lines,
                 access_log: raw.access_log,
             },
         })
@@ -361,8 +490,28 @@ impl Source<'_> {
         if let Some(file) = raw.from_fluent_bit {
             servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
         }
+        // Servers are told apart by label in metrics, logs and `/status`.
+        // Fluent Bit nodes of one name are kept, as Fluent Bit keeps them.
+        let mut labels: HashSet<String> = servers.iter().map(ServerConfig::label).collect();
         for server in raw.server {
-            servers.push(self.validate_server(upstream, &balance, group_tls, server)?);
+            let label_span = server
+                .name
+                .as_ref()
+                .map_or(server.address.span(), Spanned::span);
+            let server = self.validate_server(upstream, &balance, group_tls, server)?;
+            if !labels.insert(server.label()) {
+                let message = match &server.name {
+                    Some(name) => format!(
+                        "upstream {upstream:?}: server name {name:?} is already used by another server of this upstream"
+                    ),
+                    None => format!(
+                        "upstream {upstream:?}: server {} has no `name` and another server of this upstream has the same label (its address); give them distinct `name`s, or their metrics would merge",
+                        server.address
+                    ),
+                };
+                return Err(self.error(Some(label_span), message));
+            }
+            servers.push(server);
         }
         let mut resolver = Vec::new();
         for entry in raw.resolver.iter().flatten() {
@@ -463,7 +612,7 @@ impl Source<'_> {
                 ),
             ));
         }
-        if *raw.resolve.get_ref() && matches!(raw.address, Address::Unix(_)) {
+        if *raw.resolve.get_ref() && matches!(raw.address.get_ref(), Address::Unix(_)) {
             return Err(self.error_at(
                 &raw.resolve,
                 format!("upstream {upstream:?}: key `resolve` needs a HOST:PORT address"),
@@ -482,10 +631,13 @@ impl Source<'_> {
                 );
             }
         }
-        let tls = self.server_tls(upstream, &raw.address, group_tls, raw.tls)?;
+        let (tls, tls_lines) =
+            self.server_tls(upstream, raw.address.get_ref(), group_tls, raw.tls)?;
         Ok(ServerConfig {
-            address: raw.address,
+            address_line: self.key_line(raw.address.span()),
+            address: raw.address.into_inner(),
             tls,
+            tls_lines,
             plugin_keys: Vec::new(),
             name: raw.name.map(Spanned::into_inner),
             weight: raw.weight.into_inner(),
@@ -500,39 +652,46 @@ impl Source<'_> {
         })
     }
 
-    /// A server's TLS settings: its own `tls` table over the group's; TLS is
-    /// on when either table is present.
+    /// A server's TLS settings, and where their files were named: its own
+    /// `tls` table over the group's; TLS is on when either table is present.
     fn server_tls(
         &self,
         upstream: &str,
         address: &Address,
         group: Option<&Spanned<RawClientTls>>,
         own: Option<Spanned<RawClientTls>>,
-    ) -> Result<Option<ClientTlsSettings>, ConfigError> {
+    ) -> Result<(Option<ClientTlsSettings>, FileLines), ConfigError> {
         let span = match (&own, group) {
             (Some(own), _) => own.span(),
             (None, Some(group)) => group.span(),
-            (None, None) => return Ok(None),
+            (None, None) => return Ok((None, FileLines::default())),
         };
         let own = own.map(Spanned::into_inner).unwrap_or_default();
         let default = RawClientTls::default();
         let group = group.map_or(&default, Spanned::get_ref);
+        let server_name = own.server_name.or_else(|| group.server_name.clone());
+        if let Some(name) = &server_name {
+            // Checked here, not when connecting, to name its line.
+            tls::parse_server_name(name.get_ref()).map_err(|err| {
+                self.error_at(
+                    name,
+                    format!("upstream {upstream:?}: server {address}: TLS: {err}"),
+                )
+            })?;
+        }
+        let mut lines = FileLines::default();
+        let mut file =
+            |own: Option<Spanned<PathBuf>>, group: &Option<Spanned<PathBuf>>, kind: PemKind| {
+                own.or_else(|| group.clone())
+                    .map(|path| self.tls_file(path, kind, &mut lines))
+            };
         let settings = ClientTlsSettings {
             verify: own.verify.or(group.verify).unwrap_or(true),
-            server_name: own.server_name.or_else(|| group.server_name.clone()),
-            ca_file: own
-                .ca_file
-                .or_else(|| group.ca_file.clone())
-                .map(|p| self.relative(p)),
+            server_name: server_name.map(Spanned::into_inner),
+            ca_file: file(own.ca_file, &group.ca_file, PemKind::Certificates),
             ca_path: None,
-            cert_file: own
-                .cert_file
-                .or_else(|| group.cert_file.clone())
-                .map(|p| self.relative(p)),
-            key_file: own
-                .key_file
-                .or_else(|| group.key_file.clone())
-                .map(|p| self.relative(p)),
+            cert_file: file(own.cert_file, &group.cert_file, PemKind::Certificates),
+            key_file: file(own.key_file, &group.key_file, PemKind::PrivateKey),
         };
         let problem = match (&settings.cert_file, &settings.key_file) {
             (Some(_), None) => Some("key `cert_file` is given without `key_file`"),
@@ -547,7 +706,7 @@ impl Source<'_> {
                 Some(span),
                 format!("upstream {upstream:?}: server {address}: {problem}"),
             )),
-            None => Ok(Some(settings)),
+            None => Ok((Some(settings), lines)),
         }
     }
 }
@@ -921,6 +1080,136 @@ address = "127.0.0.1:7001"
         assert!(err.message.contains("key_file"), "{err}");
     }
 
+    /// An error found when the value written at `line` is used: (file, line, message).
+    fn placed(line: &KeyLine) -> (PathBuf, Option<usize>, String) {
+        let err = line.error("cannot use it".to_owned());
+        (err.file, err.line, err.message)
+    }
+
+    #[test]
+    fn values_checked_when_used_keep_the_line_naming_them() {
+        let text = r#"
+[[listener]]
+name = "l"
+bind = "127.0.0.1:7000"
+upstream = "u"
+[listener.tls]
+cert_file = "tls.pem"
+key_file = "/k.pem"
+client_ca_file = "clients.pem"
+
+[upstream.u.tls]
+cert_file = "group.pem"
+key_file = "group.key"
+[[upstream.u.server]]
+address = "127.0.0.1:7001"
+[upstream.u.server.tls]
+ca_file = "own-ca.pem"
+"#;
+        let file = Path::new("/etc/sluice/sluice.toml");
+        let config = Config::parse(text, file).unwrap();
+        let line_of = |lines: &FileLines, path: &str| {
+            let (named_in, line, message) = placed(lines.of(Path::new(path), None).unwrap());
+            assert_eq!(named_in, file);
+            (line.unwrap(), message)
+        };
+        let listener = &config.listeners[0].tls_lines;
+        assert_eq!(
+            line_of(listener, "/etc/sluice/tls.pem"),
+            (7, "cannot use it (in `cert_file = \"tls.pem\"`)".to_owned())
+        );
+        assert_eq!(line_of(listener, "/k.pem").0, 8);
+        assert_eq!(line_of(listener, "/etc/sluice/clients.pem").0, 9);
+        assert!(listener
+            .of(Path::new("/etc/sluice/other.pem"), None)
+            .is_none());
+
+        let server = &config.upstreams["u"].servers[0];
+        assert_eq!(
+            placed(&server.address_line),
+            (
+                file.to_owned(),
+                Some(15),
+                "cannot use it (in `address = \"127.0.0.1:7001\"`)".to_owned()
+            )
+        );
+        assert_eq!(line_of(&server.tls_lines, "/etc/sluice/own-ca.pem").0, 17);
+        // Files the server takes from the group's table: the group's lines.
+        assert_eq!(line_of(&server.tls_lines, "/etc/sluice/group.pem").0, 12);
+        assert_eq!(line_of(&server.tls_lines, "/etc/sluice/group.key").0, 13);
+
+        // Lines are not part of the configuration: moving them changes nothing.
+        let moved = Config::parse(&format!("# moved down\n{text}"), file).unwrap();
+        assert_eq!(moved, config);
+    }
+
+    #[test]
+    fn one_file_named_by_two_keys_is_told_apart_by_what_failed() {
+        let text = MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\n[listener.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/same.pem\"\nclient_ca_file = \"/same.pem\"",
+        );
+        let config = parse(&text).unwrap();
+        let lines = &config.listeners[0].tls_lines;
+        let path = PathBuf::from("/same.pem");
+        let line_for = |err: TlsError| lines.naming(&err).and_then(|line| placed(line).1);
+        assert_eq!(
+            line_for(TlsError::NoPrivateKey { path: path.clone() }),
+            Some(8)
+        );
+        assert_eq!(
+            line_for(TlsError::NoCertificate { path: path.clone() }),
+            Some(9)
+        );
+        let unreadable = TlsError::Read {
+            path,
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        assert_eq!(line_for(unreadable), Some(8), "the first read");
+        assert_eq!(
+            line_for(TlsError::InvalidServerName { name: "x".into() }),
+            None
+        );
+    }
+
+    #[test]
+    fn an_invalid_server_name_is_named_with_its_line() {
+        let err = error_of(&format!(
+            "{MINIMAL}[upstream.u.server.tls]\nserver_name = \"not a name!\"\n"
+        ));
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("invalid TLS server name"), "{err}");
+        assert!(err.message.contains("server_name"), "{err}");
+    }
+
+    #[test]
+    fn servers_of_one_upstream_need_distinct_labels() {
+        let second = |extra: &str| {
+            format!("{MINIMAL}name = \"x\"\n[[upstream.u.server]]\naddress = \"127.0.0.1:7002\"\n{extra}")
+        };
+        let err = error_of(&second("name = \"x\"\n"));
+        assert_eq!(err.line, Some(13), "{err}");
+        assert!(
+            err.message
+                .contains("server name \"x\" is already used by another server of this upstream"),
+            "{err}"
+        );
+        assert!(parse(&second("name = \"y\"\n")).is_ok());
+
+        // Without `name`, the address is the label: listing it twice would
+        // merge the two servers' metrics.
+        let twice = format!("{MINIMAL}[[upstream.u.server]]\naddress = \"127.0.0.1:7001\"\n");
+        let err = error_of(&twice);
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("distinct `name`s"), "{err}");
+        assert!(parse(&format!("{twice}name = \"again\"\n")).is_ok());
+
+        // Labels are per upstream.
+        let other = MINIMAL.replace("upstream = \"u\"", "upstream = \"v\"")
+            + "[[upstream.v.server]]\naddress = \"127.0.0.1:7001\"\n";
+        assert!(parse(&other).is_ok());
+    }
+
     const UPSTREAM_FILE: &str = "[UPSTREAM]\n    name  fb\n\n[NODE]\n    name  one\n    host  127.0.0.1\n    port  7101\n\n\
         [NODE]\n    name  two\n    host  backend.test\n    port  7102\n    tls   on\n    tls.vhost  sni.test\n\
         \x20   tls.ca_path  /cas\n    shared_key  secret\n";
@@ -954,6 +1243,50 @@ address = "127.0.0.1:7001"
         assert_eq!(servers[1].address.to_string(), "backend.test:7102");
         // The group's table turns TLS on for [[server]] entries as usual.
         assert!(servers[2].tls.is_some());
+
+        // Values used later keep the line naming them: in the node file
+        // (its errors do not quote lines), or in the TOML for the group's.
+        let (file, line, message) = placed(&servers[1].address_line);
+        assert!(file.ends_with("nodes.conf"), "{file:?}");
+        assert_eq!((line, message.as_str()), (Some(11), "cannot use it"));
+        let (file, line, _) = placed(
+            servers[1]
+                .tls_lines
+                .of(Path::new("/cas/a.pem"), None)
+                .unwrap(),
+        );
+        assert!(file.ends_with("nodes.conf"), "{file:?}");
+        assert_eq!(line, Some(15));
+        let (file, line, message) =
+            placed(servers[1].tls_lines.of(Path::new("/ca.pem"), None).unwrap());
+        assert!(file.ends_with("sluice.toml"), "{file:?}");
+        assert_eq!(line, Some(10));
+        assert!(
+            message.ends_with("(in `ca_file = \"/ca.pem\"`)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn fluent_bit_nodes_of_one_name_are_kept_but_a_server_may_not_join_them() {
+        let text = MINIMAL.replace(
+            "[upstream.u]",
+            "[upstream.u]\nfrom_fluent_bit = \"nodes.conf\"",
+        );
+        let same_names = UPSTREAM_FILE.replace("name  two", "name  one");
+        let config = with_upstream_file(&text, &same_names).unwrap();
+        let labels: Vec<String> = config.upstreams["u"]
+            .servers
+            .iter()
+            .map(ServerConfig::label)
+            .collect();
+        assert_eq!(labels, ["one", "one", "127.0.0.1:7001"]);
+
+        let err =
+            with_upstream_file(&format!("{text}name = \"two\"\n"), UPSTREAM_FILE).unwrap_err();
+        assert!(err.file.ends_with("sluice.toml"), "{err}");
+        assert_eq!(err.line, Some(11), "{err}");
+        assert!(err.message.contains("\"two\" is already used"), "{err}");
     }
 
     #[test]

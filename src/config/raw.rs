@@ -57,9 +57,9 @@ pub(super) struct RawAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListenerTls {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub client_ca_file: Option<PathBuf>,
+    pub cert_file: Spanned<PathBuf>,
+    pub key_file: Spanned<PathBuf>,
+    pub client_ca_file: Option<Spanned<PathBuf>>,
 }
 
 /// `[upstream.NAME.tls]` and `[upstream.NAME.server.tls]`: TLS origination.
@@ -68,10 +68,10 @@ pub(super) struct RawListenerTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClientTls {
     pub verify: Option<bool>,
-    pub server_name: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    pub server_name: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub cert_file: Option<Spanned<PathBuf>>,
+    pub key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,7 +106,7 @@ pub(super) struct RawHealthCheck {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
-    pub address: Address,
+    pub address: Spanned<Address>,
     pub name: Option<Spanned<String>>,
     #[serde(default = "defaults::weight")]
     pub weight: Spanned<u32>,

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
-use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol};
+use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
@@ -41,13 +41,17 @@ pub struct ListenerContext {
 }
 
 impl ListenerContext {
-    /// Builds the context, reading the listener's TLS files if it has any.
-    pub fn new(config: ListenerConfig, upstream: SharedUpstream) -> Result<Self, String> {
+    /// Builds the context, reading the listener's TLS files if it has any;
+    /// an error names the line naming the file.
+    pub fn new(config: ListenerConfig, upstream: SharedUpstream) -> Result<Self, ValueError> {
         let tls = match &config.tls {
-            Some(settings) => Some(
-                tls::acceptor(settings)
-                    .map_err(|err| format!("listener {:?}: TLS: {err}", config.name))?,
-            ),
+            Some(settings) => Some(tls::acceptor(settings).map_err(|err| {
+                let message = format!("listener {:?}: TLS: {err}", config.name);
+                match config.tls_lines.naming(&err) {
+                    Some(line) => ValueError::At(line.error(message)),
+                    None => ValueError::Unplaced(message),
+                }
+            })?),
             None => None,
         };
         Ok(ListenerContext {
