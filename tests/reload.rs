@@ -129,6 +129,20 @@ async fn a_weight_change_applies_to_new_connections() {
     }
 }
 
+/// Waits for `count` access lines. A connection's access line is logged after
+/// its failed attempts, so once it is in, so are they.
+async fn connections_logged(sluice: &Sluice, count: usize) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        sluice
+            .log_lines()
+            .iter()
+            .filter(|line| line.contains(" INFO access "))
+            .count()
+            == count
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_peer_stays_failed_across_a_reload() {
     let good = Backend::tcp("g", Behavior::Announce).await;
@@ -153,6 +167,11 @@ async fn a_failed_peer_stays_failed_across_a_reload() {
     };
     // The first pick is `dead`: refused, then `good` takes the client.
     assert_eq!(announced(&listen, 1).await, "g");
+    assert!(
+        connections_logged(&sluice, 1).await,
+        "{}",
+        sluice.log_text()
+    );
     assert_eq!(failures(), 1);
 
     // A rebuilt group starts round-robin afresh with `dead` first; only its
@@ -162,6 +181,11 @@ async fn a_failed_peer_stays_failed_across_a_reload() {
     for _ in 0..4 {
         assert_eq!(announced(&listen, 1).await, "g");
     }
+    assert!(
+        connections_logged(&sluice, 5).await,
+        "{}",
+        sluice.log_text()
+    );
     assert_eq!(failures(), 1, "{}", sluice.log_text());
     assert_eq!(good.accepted(), 5);
     good.finish().await;
