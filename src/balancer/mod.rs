@@ -404,6 +404,12 @@ mod tests {
         Selector::new(params, health, algorithm)
     }
 
+    /// Picks a peer at `now` and fails the attempt.
+    fn fail_one(selector: &mut Selector, now: Instant) {
+        let index = selector.select(now, &Tried::default(), b"").unwrap();
+        selector.health(index).failed(now);
+    }
+
     /// Picks `count` times, releasing each pick at once, and returns the indices.
     fn picks(selector: &mut Selector, now: Instant, count: usize) -> Vec<usize> {
         (0..count)
@@ -531,12 +537,10 @@ mod tests {
         let mut selector = round_robin(vec![tolerant]);
         let now = Instant::now();
         for _ in 0..2 {
-            let index = selector.select(now, &Tried::default(), b"").unwrap();
-            selector.health(index).failed(now);
+            fail_one(&mut selector, now);
             assert_eq!(selector.state(0, now), PeerState::Up);
         }
-        let index = selector.select(now, &Tried::default(), b"").unwrap();
-        selector.health(index).failed(now);
+        fail_one(&mut selector, now);
         assert_eq!(selector.state(0, now), PeerState::Failed);
         assert_eq!(selector.select(now, &Tried::default(), b""), None);
     }
@@ -547,18 +551,14 @@ mod tests {
         tolerant.max_fails = 2;
         let mut selector = round_robin(vec![tolerant]);
         let start = Instant::now();
-        let fail_at = |selector: &mut Selector, now: Instant| {
-            let index = selector.select(now, &Tried::default(), b"").unwrap();
-            selector.health(index).failed(now);
-        };
-        fail_at(&mut selector, start);
+        fail_one(&mut selector, start);
         let apart = start + Duration::from_secs(11);
-        fail_at(&mut selector, apart);
+        fail_one(&mut selector, apart);
         assert_eq!(selector.state(0, apart), PeerState::Up);
 
         // A second failure inside the window does mark it.
         let inside = apart + Duration::from_secs(9);
-        fail_at(&mut selector, inside);
+        fail_one(&mut selector, inside);
         assert_eq!(selector.state(0, inside), PeerState::Failed);
     }
 
@@ -568,14 +568,10 @@ mod tests {
         tolerant.max_fails = 2;
         let mut selector = round_robin(vec![tolerant]);
         let start = Instant::now();
-        let first = selector.select(start, &Tried::default(), b"").unwrap();
-        selector.health(first).failed(start);
+        fail_one(&mut selector, start);
         let later = start + Duration::from_secs(3);
-        let index = selector.select(later, &Tried::default(), b"").unwrap();
-        selector.health(index).succeeded();
-        selector.health(index).released();
-        let index = selector.select(later, &Tried::default(), b"").unwrap();
-        selector.health(index).failed(later);
+        assert_eq!(picks(&mut selector, later, 1), vec![0]);
+        fail_one(&mut selector, later);
         assert_eq!(selector.state(0, later), PeerState::Failed);
     }
 
@@ -586,8 +582,7 @@ mod tests {
         let mut selector = round_robin(vec![never]);
         let now = Instant::now();
         for _ in 0..5 {
-            let index = selector.select(now, &Tried::default(), b"").unwrap();
-            selector.health(index).failed(now);
+            fail_one(&mut selector, now);
         }
         assert_eq!(selector.state(0, now), PeerState::Up);
     }
