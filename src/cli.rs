@@ -12,9 +12,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{AdminConfig, Config};
-use crate::config_watch::ConfigWatch;
-use crate::server::{self, StartError};
-use crate::workers;
+use crate::lifecycle::config_watch::ConfigWatch;
+use crate::lifecycle::{self as server, workers, StartError};
 
 #[derive(Debug, Parser)]
 #[command(

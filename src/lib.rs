@@ -1,21 +1,17 @@
 //! sluice: a Layer-4 stream load balancer with nginx `upstream` semantics.
+//!
+//! Layers, each importing only those below it (ARCHITECTURE.md draws them):
+//! `config`, `balancer`, `metrics` at the bottom; then `tls`, `net`,
+//! `upstream`, `proxy`, `admin`, `lifecycle`, and `cli` on top.
 
-pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod config;
-pub mod config_watch;
 pub mod fluentbit;
-pub mod health_check;
+pub mod lifecycle;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
-pub mod proxy_protocol;
-pub mod resolver;
-pub mod server;
-pub mod stats;
-pub mod supervisor;
 pub mod tls;
 pub mod upstream;
-pub mod upstream_task;
-pub mod workers;

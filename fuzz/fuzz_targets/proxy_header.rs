@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::proxy_protocol::{encode_v1, encode_v2, parse, Parse};
+use sluice::proxy::proxy_protocol::codec::{encode_v1, encode_v2, parse, Parse};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Parse::Complete { addrs, header_len }) = parse(data) else {

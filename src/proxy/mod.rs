@@ -1,35 +1,33 @@
-//! The data path: accept a client, connect to a peer with next-upstream
-//! retries, relay until done.
+//! The data path: one client connection from accept to close: its PROXY
+//! header and TLS handshake, the connect attempts (next upstream), the
+//! relay, and its access line.
 
-pub mod listener;
-pub mod proxy_header;
+pub mod access_log;
+pub mod proxy_protocol;
 pub mod relay;
+pub mod retry;
 #[cfg(target_os = "linux")]
 mod splice;
-pub mod stream;
 
-use std::fmt;
-use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, UnixStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
-use crate::tls::{self, TlsOrigin};
-use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
-use proxy_header::Origin;
+use crate::net::connect::{connect_within, Connected};
+use crate::net::{ClientAddr, Stream};
+use crate::tls;
+use crate::upstream::{Attempt, Lease, SharedUpstream, Upstream};
+use access_log::{AccessRecord, Close, TryOutcome};
+use proxy_protocol::Origin;
 use relay::{relay, RelayEnd, RelayOutcome, Side};
-use stream::Stream;
+use retry::{connect_first, AttemptError, Candidates, RetryLimits};
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
@@ -59,61 +57,6 @@ impl ListenerContext {
             upstream,
             tls,
         })
-    }
-}
-
-/// A client's address: TCP clients have one; UNIX-socket clients usually do not.
-#[derive(Debug, Clone, Copy)]
-pub enum ClientAddr {
-    Inet(SocketAddr),
-    Unix,
-}
-
-impl fmt::Display for ClientAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientAddr::Inet(addr) => write!(f, "{addr}"),
-            ClientAddr::Unix => f.write_str("unix"),
-        }
-    }
-}
-
-/// Why no peer took a client connection.
-enum Unavailable {
-    NoEligiblePeer,
-    /// Every eligible peer was tried and failed; the last failure's reason.
-    AllFailed {
-        attempts: u32,
-        last: String,
-    },
-    TriesExhausted(u32),
-    TimeoutExhausted(Duration),
-    /// sluice itself could not open a socket.
-    LocalResources(io::Error),
-}
-
-impl fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Unavailable::NoEligiblePeer => f.write_str("no eligible peer"),
-            Unavailable::AllFailed { attempts: 1, last } => {
-                write!(f, "the only eligible peer failed: {last}")
-            }
-            Unavailable::AllFailed { attempts, last } => {
-                write!(f, "all {attempts} eligible peers failed; the last: {last}")
-            }
-            Unavailable::TriesExhausted(tries) => {
-                write!(f, "next_upstream_tries ({tries}) used up")
-            }
-            Unavailable::TimeoutExhausted(timeout) => {
-                write!(
-                    f,
-                    "next_upstream_timeout ({}) passed",
-                    humantime::format_duration(*timeout)
-                )
-            }
-            Unavailable::LocalResources(err) => write!(f, "cannot open a socket: {err}"),
-        }
     }
 }
 
@@ -233,8 +176,8 @@ async fn establish<'a>(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
-            Ok(client) => client,
+        client = match tls::terminate(acceptor, client, context.config.connect_timeout).await {
+            Ok(client) => Stream::TlsFromClient(Box::new(client)),
             Err(reason) => {
                 warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
                 access.finish(None, 0, 0, Close::ClientError(&reason));
@@ -243,20 +186,29 @@ async fn establish<'a>(
         };
     }
     let client_spoke = has_bytes_waiting(&client);
-    match connect_upstream(
-        &context.config,
+    let mut candidates = GroupCandidates {
+        listener,
         group,
         client_addr,
-        &proxy_header,
+        key: hash_key(&group.balance, client_addr),
+        tried: Tried::default(),
+        proxy_header: &proxy_header,
         client_spoke,
-        &mut access,
-    )
-    .await
-    {
-        Ok((lease, upstream_stream)) => Some(Established {
+        access: &mut access,
+    };
+    let limits = RetryLimits {
+        connect_timeout: context.config.connect_timeout,
+        tries: context.config.next_upstream_tries,
+        total: context.config.next_upstream_timeout,
+    };
+    match connect_first(&mut candidates, limits).await {
+        Ok((attempt, upstream_stream)) => Some(Established {
             client,
             upstream_stream,
-            lease,
+            lease: {
+                access.tried(&attempt.peer().label, TryOutcome::Connected);
+                attempt.succeeded()
+            },
             client_addr,
             access,
         }),
@@ -285,186 +237,69 @@ async fn relay_streams(
     relay(client, upstream, idle_timeout, report).await
 }
 
-/// Tries peers until one accepts, within next_upstream_tries and next_upstream_timeout.
-async fn connect_upstream(
-    config: &ListenerConfig,
-    group: &Arc<Upstream>,
+/// The peers of one group as one client connection may try them.
+struct GroupCandidates<'r, 'a> {
+    listener: &'r str,
+    group: &'r Arc<Upstream>,
     client_addr: ClientAddr,
-    proxy_header: &[u8],
+    /// What `balance = "hash"` hashes; empty for other methods.
+    key: Vec<u8>,
+    tried: Tried,
+    proxy_header: &'r [u8],
     client_spoke: bool,
-    access: &mut AccessRecord<'_>,
-) -> Result<(Lease, Stream), Unavailable> {
-    let started = Instant::now();
-    let key = hash_key(&group.balance, client_addr);
-    let mut tried = Tried::default();
-    let mut attempts = 0;
-    let mut last_failure = None;
-    loop {
-        if config.next_upstream_tries > 0 && attempts >= config.next_upstream_tries {
-            return Err(Unavailable::TriesExhausted(config.next_upstream_tries));
-        }
-        let mut timeout = config.connect_timeout;
-        if let Some(total) = config.next_upstream_timeout {
-            let left = total.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(Unavailable::TimeoutExhausted(total));
-            }
-            timeout = timeout.min(left);
-        }
-        let Some(attempt) = group.select(&mut tried, &key) else {
-            return Err(match last_failure {
-                Some(last) => Unavailable::AllFailed { attempts, last },
-                None => Unavailable::NoEligiblePeer,
-            });
-        };
-        attempts += 1;
-        // One timeout covers the connect and the TLS handshake.
-        let reason = match connect_within(timeout, attempt.peer(), proxy_header, client_spoke).await
-        {
-            Connected::Stream(stream) => {
-                access.tried(&attempt.peer().label, TryOutcome::Connected);
-                return Ok((attempt.succeeded(), stream));
-            }
-            // Out of descriptors or memory for the whole attempt is sluice's
-            // trouble, not the peer's: released without counting a failure.
-            Connected::LocalResources(err) => return Err(Unavailable::LocalResources(err)),
-            Connected::Failed(err) => err.to_string(),
-            Connected::TimedOut if attempt.peer().tls.is_some() => format!(
+    access: &'r mut AccessRecord<'a>,
+}
+
+impl Candidates for GroupCandidates<'_, '_> {
+    type Attempt = Attempt;
+    type Connection = Stream;
+
+    fn next(&mut self) -> Option<Attempt> {
+        self.group.select(&mut self.tried, &self.key)
+    }
+
+    async fn connect(
+        &mut self,
+        attempt: &Attempt,
+        timeout: Duration,
+    ) -> Result<Stream, AttemptError> {
+        let peer = attempt.peer();
+        let connected = connect_within(
+            timeout,
+            &peer.target,
+            peer.tls.as_ref(),
+            self.proxy_header,
+            self.client_spoke,
+        )
+        .await;
+        match connected {
+            Connected::Stream(stream) => Ok(stream),
+            Connected::LocalResources(err) => Err(AttemptError::LocalResources(err)),
+            Connected::Failed(err) => Err(AttemptError::Failed(err.to_string())),
+            // One timeout covers the connect and the TLS handshake.
+            Connected::TimedOut if peer.tls.is_some() => Err(AttemptError::Failed(format!(
                 "connect and TLS handshake timed out after {}",
                 humantime::format_duration(timeout)
-            ),
-            Connected::TimedOut => format!(
+            ))),
+            Connected::TimedOut => Err(AttemptError::Failed(format!(
                 "connect timed out after {}",
                 humantime::format_duration(timeout)
-            ),
-        };
+            ))),
+        }
+    }
+
+    fn failed(&mut self, attempt: Attempt, reason: &str) {
         warn!(
-            listener = config.name.as_str(),
-            upstream = group.name.as_str(),
+            listener = self.listener,
+            upstream = self.group.name.as_str(),
             peer = attempt.peer().label.as_str(),
-            client = %client_addr,
+            client = %self.client_addr,
             reason = %reason,
             "upstream connect attempt failed"
         );
-        access.tried(&attempt.peer().label, TryOutcome::Failed(reason.clone()));
-        attempt.failed(&reason);
-        last_failure = Some(reason);
-    }
-}
-
-/// Connects to the peer, sends `proxy_header` (if not empty) in the clear,
-/// and, if the peer speaks TLS, completes the handshake. Health checks
-/// connect the same way. `client_spoke`: the client has sent bytes that
-/// will follow the connect at once.
-pub(crate) async fn connect_peer(
-    peer: &Peer,
-    proxy_header: &[u8],
-    client_spoke: bool,
-) -> io::Result<Stream> {
-    // When bytes go out right after the handshake, its last ACK can ride on
-    // them: one packet fewer per connection (HAProxy does the same). Never
-    // otherwise: a server that speaks first would wait for a delayed ACK.
-    let sends_at_once = client_spoke || !proxy_header.is_empty() || peer.tls.is_some();
-    let mut stream = connect(&peer.target, sends_at_once).await?;
-    if !proxy_header.is_empty() {
-        stream.write_all(proxy_header).await.map_err(|err| {
-            io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
-        })?;
-    }
-    match &peer.tls {
-        Some(tls) => originate_tls(tls, stream).await,
-        None => Ok(stream),
-    }
-}
-
-async fn originate_tls(tls: &TlsOrigin, stream: Stream) -> io::Result<Stream> {
-    match tls.connector.connect(tls.server_name.clone(), stream).await {
-        Ok(stream) => Ok(Stream::TlsToPeer(Box::new(stream))),
-        Err(err) => Err(io::Error::new(
-            err.kind(),
-            format!("TLS handshake failed: {err}"),
-        )),
-    }
-}
-
-/// The client's TLS handshake, within the listener's connect_timeout.
-async fn terminate_tls(
-    acceptor: &TlsAcceptor,
-    client: Stream,
-    timeout: Duration,
-) -> Result<Stream, String> {
-    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
-        Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!(
-            "no TLS handshake within {}",
-            humantime::format_duration(timeout)
-        )),
-    }
-}
-
-enum Connected {
-    Stream(Stream),
-    Failed(io::Error),
-    TimedOut,
-    /// sluice could not open a socket until the timeout.
-    LocalResources(io::Error),
-}
-
-/// Connects within `timeout`. When sluice is out of descriptors it waits for
-/// one to free up rather than turning away a client it has already accepted.
-async fn connect_within(
-    timeout: Duration,
-    peer: &Peer,
-    proxy_header: &[u8],
-    client_spoke: bool,
-) -> Connected {
-    let mut local_error = None;
-    let outcome = tokio::time::timeout(timeout, async {
-        let mut pause = Duration::from_millis(5);
-        loop {
-            local_error = None;
-            match connect_peer(peer, proxy_header, client_spoke).await {
-                Err(err) if is_local_resource_error(&err) => {
-                    local_error = Some(err);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-                other => return other,
-            }
-        }
-    })
-    .await;
-    match (outcome, local_error) {
-        (Ok(Ok(stream)), _) => Connected::Stream(stream),
-        (Ok(Err(err)), _) => Connected::Failed(err),
-        (Err(_), Some(err)) => Connected::LocalResources(err),
-        (Err(_), None) => Connected::TimedOut,
-    }
-}
-
-fn is_local_resource_error(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-async fn connect(target: &PeerTarget, delay_handshake_ack: bool) -> io::Result<Stream> {
-    match target {
-        PeerTarget::Tcp(addr) => {
-            let socket = match addr {
-                SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => TcpSocket::new_v6()?,
-            };
-            socket.set_nodelay(true)?;
-            if delay_handshake_ack {
-                // Only an optimisation: a refusal changes nothing else.
-                let _ = SockRef::from(&socket).set_quickack(false);
-            }
-            Ok(Stream::Tcp(socket.connect(*addr).await?))
-        }
-        PeerTarget::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        self.access
+            .tried(&attempt.peer().label, TryOutcome::Failed(reason.to_owned()));
+        attempt.failed(reason);
     }
 }
 

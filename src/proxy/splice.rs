@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 
 use super::relay::{drive, CopyError, Direction, RelayOutcome};
-use super::stream::PlainSocket;
+use crate::net::stream::PlainSocket;
 
 /// Bytes asked for per splice from a socket; the kernel moves at most what
 /// the pipe holds, which bounds memory per direction.

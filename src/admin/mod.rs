@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::PeerState;
 use crate::config::Address;
-use crate::proxy::listener::{bind, Acceptor, BoundSocket};
+use crate::net::listen::{bind, Acceptor, BoundSocket};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// The admin address could not be bound: a start-up failure (exit status 2).

@@ -13,9 +13,10 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::task::UpstreamTask;
+use super::{SharedUpstream, Upstream};
 use crate::config::{Address, UpstreamConfig};
-use crate::upstream::{PeerTarget, SharedUpstream, Upstream};
-use crate::upstream_task::UpstreamTask;
+use crate::net::PeerTarget;
 
 /// Record TTLs shorter than this are read as this, so a TTL of 0 does not
 /// make sluice query in a loop.

@@ -10,10 +10,11 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{self, BufReader};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -24,7 +25,8 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, InconsistentKeys, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
 /// TLS origination settings of one upstream server, as written in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,8 +451,38 @@ impl ServerCertVerifier for AcceptAnyServerCert {
 
 /// Shared with the integration tests, so there is one copy of the generator.
 #[cfg(test)]
-#[path = "../tests/common/certs.rs"]
+#[path = "../../tests/common/certs.rs"]
 mod test_certs;
+
+/// Originates TLS towards a peer over `stream`; an error says it was the handshake.
+pub async fn originate<S>(tls: &TlsOrigin, stream: S) -> io::Result<client::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tls.connector
+        .connect(tls.server_name.clone(), stream)
+        .await
+        .map_err(|err| io::Error::new(err.kind(), format!("TLS handshake failed: {err}")))
+}
+
+/// Terminates a client's TLS handshake within `timeout`.
+pub async fn terminate<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    timeout: Duration,
+) -> Result<server::TlsStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!(
+            "no TLS handshake within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -13,11 +13,12 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::task::UpstreamTask;
+use super::{Peer, SharedUpstream, Upstream};
 use crate::balancer::CheckTransition;
 use crate::config::HealthCheckConfig;
-use crate::proxy::stream::Stream;
-use crate::upstream::{Peer, SharedUpstream, Upstream};
-use crate::upstream_task::UpstreamTask;
+use crate::net::connect::connect_peer;
+use crate::net::Stream;
 
 /// Starts checking the peers of `shared`, following it across rebuilds.
 pub fn start(config: HealthCheckConfig, shared: SharedUpstream) -> UpstreamTask {
@@ -128,5 +129,5 @@ async fn exchange(peer: &Peer, config: &HealthCheckConfig) -> Result<(), String>
 /// servers with TLS), so a check covers what they depend on. No PROXY header:
 /// a check has no client to describe.
 async fn open(peer: &Peer) -> std::io::Result<Stream> {
-    crate::proxy::connect_peer(peer, &[], false).await
+    connect_peer(&peer.target, peer.tls.as_ref(), &[], false).await
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::proxy::ClientAddr;
+use crate::net::ClientAddr;
 
 /// The tracing target of access-log lines.
 pub const TARGET: &str = "sluice::access";

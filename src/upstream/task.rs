@@ -7,9 +7,6 @@ use std::future::Future;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::UpstreamConfig;
-use crate::upstream::SharedUpstream;
-
 /// A running background task of one upstream.
 pub struct UpstreamTask {
     stop: CancellationToken,
@@ -34,18 +31,4 @@ impl UpstreamTask {
         // A task that panicked has ended too; the panic was already reported.
         let _ = self.task.await;
     }
-}
-
-/// Starts every background task `config` asks for on the group `shared`.
-/// Reload stops the old group's tasks and starts these for the new one.
-pub fn start(config: &UpstreamConfig, shared: &SharedUpstream) -> Vec<UpstreamTask> {
-    let mut tasks = Vec::new();
-    if let Some(check) = &config.health_check {
-        tasks.push(crate::health_check::start(
-            check.clone(),
-            std::sync::Arc::clone(shared),
-        ));
-    }
-    tasks.extend(crate::resolver::start(config, shared));
-    tasks
 }

@@ -9,16 +9,20 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
+pub mod config_watch;
+pub mod supervisor;
+pub mod workers;
+
 use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, ValueError};
-use crate::config_watch::{self, ConfigWatch};
 use crate::metrics::{self, MetricsError};
-use crate::proxy::listener::BindError;
+use crate::net::listen::BindError;
 use crate::proxy::ListenerContext;
-use crate::supervisor::{PrepareError, Supervisor};
 use crate::tls::ClientTlsSettings;
 use crate::upstream::{SharedUpstream, Upstream};
-use crate::workers::Workers;
+use config_watch::ConfigWatch;
+use supervisor::{PrepareError, Supervisor};
+use workers::Workers;
 
 /// Why sluice could not start; each maps to an exit status.
 #[derive(Debug, thiserror::Error)]

@@ -1,15 +1,15 @@
 //! PROXY protocol on the data path: reading a client's header
 //! (`accept_proxy_protocol`) and the header sent to the upstream
-//! (`proxy_protocol`).
+//! (`proxy_protocol`). The wire format itself is in [`codec`].
+
+pub mod codec;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::ProxyProtocol;
-use crate::proxy_protocol::{encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError};
-
-use super::stream::Stream;
-use super::ClientAddr;
+use crate::net::{ClientAddr, Stream};
+use codec::{encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError};
 
 /// Why a client's PROXY header was not accepted.
 #[derive(Debug, thiserror::Error)]

@@ -151,39 +151,6 @@ impl PeerStats {
     }
 }
 
-/// A listener's series in the recorder, looked up once per accept loop.
-#[derive(Debug, Clone)]
-pub struct ListenerMetrics {
-    total: Counter,
-    active: Gauge,
-}
-
-impl ListenerMetrics {
-    pub fn new(listener: &str) -> ListenerMetrics {
-        let labels = [("listener", listener.to_owned())];
-        ListenerMetrics {
-            total: metrics::counter!(names::LISTENER_CONNECTIONS_TOTAL, &labels),
-            active: metrics::gauge!(names::LISTENER_CONNECTIONS_ACTIVE, &labels),
-        }
-    }
-
-    /// A client was accepted; it counts as active until the guard drops.
-    pub fn accepted(&self) -> ActiveClient {
-        self.total.increment(1);
-        self.active.increment(1.0);
-        ActiveClient(self.active.clone())
-    }
-}
-
-/// Keeps one client counted in `sluice_listener_connections_active`.
-pub struct ActiveClient(Gauge);
-
-impl Drop for ActiveClient {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}
-
 /// `sluice_upstream_unavailable_total` of one upstream group.
 pub fn unavailable_counter(upstream: &str) -> Counter {
     metrics::counter!(names::UPSTREAM_UNAVAILABLE_TOTAL, "upstream" => upstream.to_owned())

@@ -1,5 +1,6 @@
 //! Binding listeners and accepting clients.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -7,17 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use super::stream::Stream;
-use super::{serve_connection, ClientAddr, ListenerContext};
+use metrics::{Counter, Gauge};
+
+use super::{ClientAddr, Stream};
 use crate::config::Address;
-use crate::stats::ListenerMetrics;
+use crate::metrics::names;
 
 /// A listener that could not be bound: a start-up failure (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -209,17 +210,22 @@ fn is_connection_error(err: &io::Error) -> bool {
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Worker `worker`'s share of a listener: accepts clients until `stop`
-/// fires, serving each in a task on this worker's runtime, tracked by
-/// `connections`.
-pub async fn accept_loop(
+/// Worker `worker`'s share of the listener `name`: accepts clients until
+/// `stop` fires, serving each in a task on this worker's runtime, tracked by
+/// `connections`. `server()` is called at each accept and gives what serves
+/// that client (the listener's settings as they are at that moment).
+pub async fn accept_loop<F, H, S>(
+    name: String,
     socket: Arc<BoundSocket>,
     worker: usize,
-    context: Arc<ArcSwap<ListenerContext>>,
+    server: F,
     stop: CancellationToken,
     connections: TaskTracker,
-) {
-    let name = context.load().config.name.clone();
+) where
+    F: Fn() -> H,
+    H: FnOnce(Stream, ClientAddr) -> S + Send + 'static,
+    S: Future<Output = ()> + Send,
+{
     let metrics = ListenerMetrics::new(&name);
     let mut backoff = FIRST_ACCEPT_BACKOFF;
     // Clients the kernel queues on this worker's socket wait until it
@@ -246,11 +252,11 @@ pub async fn accept_loop(
             Ok((stream, client_addr)) => {
                 backoff = FIRST_ACCEPT_BACKOFF;
                 let active = metrics.accepted();
-                let context = context.load_full();
+                let serve = server();
                 // Built inside the task: a future built outside and awaited
                 // in it would be stored twice for the connection's life.
                 connections.spawn(async move {
-                    serve_connection(stream, client_addr, context).await;
+                    serve(stream, client_addr).await;
                     drop(active);
                 });
             }
@@ -276,6 +282,39 @@ async fn backed_off(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     }
     *backoff = (*backoff * 2).min(MAX_ACCEPT_BACKOFF);
     false
+}
+
+/// A listener's series in the recorder, looked up once per accept loop.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    total: Counter,
+    active: Gauge,
+}
+
+impl ListenerMetrics {
+    pub fn new(listener: &str) -> ListenerMetrics {
+        let labels = [("listener", listener.to_owned())];
+        ListenerMetrics {
+            total: metrics::counter!(names::LISTENER_CONNECTIONS_TOTAL, &labels),
+            active: metrics::gauge!(names::LISTENER_CONNECTIONS_ACTIVE, &labels),
+        }
+    }
+
+    /// A client was accepted; it counts as active until the guard drops.
+    pub fn accepted(&self) -> ActiveClient {
+        self.total.increment(1);
+        self.active.increment(1.0);
+        ActiveClient(self.active.clone())
+    }
+}
+
+/// Keeps one client counted in `sluice_listener_connections_active`.
+pub struct ActiveClient(Gauge);
+
+impl Drop for ActiveClient {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 #[cfg(test)]

@@ -16,10 +16,10 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError};
-use crate::proxy::listener::{accept_loop, bind, BindError, BoundSocket};
-use crate::proxy::ListenerContext;
-use crate::upstream::{SharedUpstream, Upstream};
-use crate::upstream_task::{self, UpstreamTask};
+use crate::net::listen::{accept_loop, bind, BindError, BoundSocket};
+use crate::proxy::{serve_connection, ListenerContext};
+use crate::upstream::task::UpstreamTask;
+use crate::upstream::{self, SharedUpstream, Upstream};
 
 /// A listener that is accepting.
 struct RunningListener {
@@ -236,7 +236,7 @@ impl Supervisor {
                     // store a build over the new one.
                     stop_tasks(running.tasks).await;
                     running.shared.store(Arc::new(build));
-                    let tasks = upstream_task::start(&config, &running.shared);
+                    let tasks = upstream::start_tasks(&config, &running.shared);
                     RunningUpstream {
                         config,
                         shared: running.shared,
@@ -246,7 +246,7 @@ impl Supervisor {
                 (UpstreamPlan::Keep, Some(running)) => running,
                 (UpstreamPlan::New(shared), _) => {
                     summary.upstreams_added.push(name.clone());
-                    let tasks = upstream_task::start(&config, &shared);
+                    let tasks = upstream::start_tasks(&config, &shared);
                     RunningUpstream {
                         config,
                         shared,
@@ -314,10 +314,20 @@ impl Supervisor {
         let context = Arc::new(ArcSwap::from_pointee(context));
         let stop = self.stop.child_token();
         for (index, worker) in self.workers.iter().enumerate() {
+            // Each connection is served with the context current when it was
+            // accepted; a reload stores a new one for later connections.
+            let server = {
+                let context = Arc::clone(&context);
+                move || {
+                    let context = context.load_full();
+                    move |client, client_addr| serve_connection(client, client_addr, context)
+                }
+            };
             worker.spawn(self.accept_loops.track_future(accept_loop(
+                config.name.clone(),
                 Arc::clone(&socket),
                 index,
-                Arc::clone(&context),
+                server,
                 stop.clone(),
                 self.connections.clone(),
             )));

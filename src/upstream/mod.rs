@@ -1,7 +1,12 @@
-//! An upstream group at run time: its resolved peers and the shared selector.
+//! An upstream group at run time: its resolved peers, the shared selector,
+//! the leases connections hold on peers, and the group's background work
+//! (health checks, DNS re-resolution).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+pub mod health_check;
+pub mod resolve;
+pub mod stats;
+pub mod task;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -9,25 +14,11 @@ use std::time::Instant;
 
 use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ConfigError, ServerConfig, UpstreamConfig};
-use crate::stats::{unavailable_counter, PeerStats};
+use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
+use stats::{unavailable_counter, PeerStats};
+use task::UpstreamTask;
 use tracing::warn;
-
-/// Where a peer is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerTarget {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for PeerTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerTarget::Tcp(addr) => write!(f, "{addr}"),
-            PeerTarget::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
 
 /// One peer: a server of the configuration at one resolved address.
 #[derive(Debug)]
@@ -78,7 +69,7 @@ impl Upstream {
         let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
             let resolved = if server.resolve {
-                crate::resolver::lookup(&server.address, &config.resolver)
+                resolve::lookup(&server.address, &config.resolver)
                     .await
                     .map(|resolution| resolution.targets)
             } else {
@@ -326,4 +317,18 @@ impl Drop for Lease {
         self.peer().health.released();
         self.peer().stats.closed();
     }
+}
+
+/// Starts every background task `config` asks for on the group `shared`.
+/// Reload stops the old group's tasks and starts these for the new one.
+pub fn start_tasks(config: &UpstreamConfig, shared: &SharedUpstream) -> Vec<UpstreamTask> {
+    let mut tasks = Vec::new();
+    if let Some(check) = &config.health_check {
+        tasks.push(health_check::start(
+            check.clone(),
+            std::sync::Arc::clone(shared),
+        ));
+    }
+    tasks.extend(resolve::start(config, shared));
+    tasks
 }

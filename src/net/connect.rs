@@ -1,0 +1,109 @@
+//! Connecting to a peer: the socket, the PROXY header sent in the clear, and
+//! TLS origination, within one timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, UnixStream};
+
+use super::{PeerTarget, Stream};
+use crate::tls::{self, TlsOrigin};
+
+/// Connects to `target`, sends `proxy_header` (if not empty) in the clear,
+/// and, with `tls`, completes the handshake. Health checks connect the same
+/// way. `client_spoke`: the client has sent bytes that will follow the
+/// connect at once.
+pub async fn connect_peer(
+    target: &PeerTarget,
+    tls: Option<&TlsOrigin>,
+    proxy_header: &[u8],
+    client_spoke: bool,
+) -> io::Result<Stream> {
+    // When bytes go out right after the handshake, its last ACK can ride on
+    // them: one packet fewer per connection (HAProxy does the same). Never
+    // otherwise: a server that speaks first would wait for a delayed ACK.
+    let sends_at_once = client_spoke || !proxy_header.is_empty() || tls.is_some();
+    let mut stream = connect(target, sends_at_once).await?;
+    if !proxy_header.is_empty() {
+        stream.write_all(proxy_header).await.map_err(|err| {
+            io::Error::new(err.kind(), format!("cannot send the PROXY header: {err}"))
+        })?;
+    }
+    match tls {
+        Some(tls) => Ok(Stream::TlsToPeer(Box::new(
+            tls::originate(tls, stream).await?,
+        ))),
+        None => Ok(stream),
+    }
+}
+
+/// How a connect within a timeout ended.
+pub enum Connected {
+    Stream(Stream),
+    Failed(io::Error),
+    TimedOut,
+    /// sluice could not open a socket until the timeout.
+    LocalResources(io::Error),
+}
+
+/// [`connect_peer`] within `timeout`. When sluice is out of descriptors it
+/// waits for one to free up rather than turning away a client it has
+/// already accepted.
+pub async fn connect_within(
+    timeout: Duration,
+    target: &PeerTarget,
+    tls: Option<&TlsOrigin>,
+    proxy_header: &[u8],
+    client_spoke: bool,
+) -> Connected {
+    let mut local_error = None;
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            local_error = None;
+            match connect_peer(target, tls, proxy_header, client_spoke).await {
+                Err(err) if is_local_resource_error(&err) => {
+                    local_error = Some(err);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match (outcome, local_error) {
+        (Ok(Ok(stream)), _) => Connected::Stream(stream),
+        (Ok(Err(err)), _) => Connected::Failed(err),
+        (Err(_), Some(err)) => Connected::LocalResources(err),
+        (Err(_), None) => Connected::TimedOut,
+    }
+}
+
+fn is_local_resource_error(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn connect(target: &PeerTarget, delay_handshake_ack: bool) -> io::Result<Stream> {
+    match target {
+        PeerTarget::Tcp(addr) => {
+            let socket = match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.set_nodelay(true)?;
+            if delay_handshake_ack {
+                // Only an optimisation: a refusal changes nothing else.
+                let _ = SockRef::from(&socket).set_quickack(false);
+            }
+            Ok(Stream::Tcp(socket.connect(*addr).await?))
+        }
+        PeerTarget::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+    }
+}
