@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{AdminConfig, Config};
 use crate::lifecycle::config_watch::ConfigWatch;
-use crate::lifecycle::{self as server, workers, StartError};
+use crate::lifecycle::{self, supervisor, workers, StartError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,14 +149,15 @@ pub fn main() -> ExitCode {
     };
     let result = if check {
         runtime.block_on(async {
-            let upstreams = server::resolve_upstreams(&config).await?;
-            server::listener_contexts(&config, &upstreams)?;
-            print!("{}", server::summary(&config, &upstreams));
+            let upstreams = supervisor::check(&config)
+                .await
+                .map_err(StartError::Config)?;
+            print!("{}", lifecycle::summary(&config, &upstreams));
             println!("configuration {} is valid", source.display());
             Ok(())
         })
     } else {
-        runtime.block_on(server::run(config, load, watch, worker_count))
+        runtime.block_on(lifecycle::run(config, load, watch, worker_count))
     };
     // Connections still open after the drain are closed here, not waited for.
     runtime.shutdown_background();

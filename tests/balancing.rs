@@ -144,7 +144,7 @@ async fn failed_peer_is_skipped_inside_fail_timeout_and_tried_after() {
     let b = Backend::tcp("b", Behavior::Announce).await;
     let a_addr = free_addr();
     let listen = free_addr();
-    let _sluice = Sluice::start(&config(
+    let sluice = Sluice::start(&config(
         &listen,
         "",
         "",
@@ -163,6 +163,19 @@ async fn failed_peer_is_skipped_inside_fail_timeout_and_tried_after() {
         assert_eq!(announced(&listen, 1).await, "b");
     }
     assert_eq!(a.accepted(), 0);
+    // Marking a peer failed is logged once, as nginx's "temporarily disabled".
+    let marked_lines = |sluice: &Sluice| {
+        sluice
+            .log_lines()
+            .iter()
+            .filter(|line| {
+                line.contains("WARN")
+                    && line.contains("peer marked failed")
+                    && line.contains(&a_addr)
+            })
+            .count()
+    };
+    assert_eq!(marked_lines(&sluice), 1, "log:\n{}", sluice.log_text());
     // After fail_timeout a gets its probe, succeeds, and is back in rotation.
     let after = marked + Duration::from_millis(2100);
     tokio::time::sleep_until(after.into()).await;
@@ -171,6 +184,14 @@ async fn failed_peer_is_skipped_inside_fail_timeout_and_tried_after() {
         order.push_str(&announced(&listen, 1).await);
     }
     assert_eq!(order.matches('a').count(), 3, "order {order}");
+    assert!(
+        sluice
+            .wait_for_log("peer recovered", Duration::from_secs(5))
+            .await,
+        "log:\n{}",
+        sluice.log_text()
+    );
+    assert_eq!(marked_lines(&sluice), 1, "log:\n{}", sluice.log_text());
     a.finish().await;
     b.finish().await;
 }

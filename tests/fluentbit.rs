@@ -264,18 +264,21 @@ fn check_prints_the_nodes_as_sluice_uses_them() {
     );
     assert_eq!(code, 0, "{stderr}");
     let expected = format!(
-        "listener \"forward-balancing\" on 127.0.0.1:24224 -> upstream \"forward-balancing\" \
-         (connect_timeout 5s, idle_timeout 10m, next_upstream_tries 0, next_upstream_timeout off)\n\
+        "shutdown_timeout 30s\n\
+         listener \"forward-balancing\" on 127.0.0.1:24224 -> upstream \"forward-balancing\" \
+         (connect_timeout 5s, idle_timeout 10m, next_upstream_tries unlimited, next_upstream_timeout off, \
+         proxy_protocol off, accept_proxy_protocol off, access_log on)\n\
          upstream \"forward-balancing\" balance round_robin\n\
-         \x20 peer \"node-1\" 127.0.0.1:43001 weight 1 max_conns 0 max_fails 1 fail_timeout 10s\n\
-         \x20 peer \"node-2\" 127.0.0.1:44001 weight 1 max_conns 0 max_fails 1 fail_timeout 10s\n\
-         \x20 peer \"node-3\" 127.0.0.1:45001 weight 1 max_conns 0 max_fails 1 fail_timeout 10s\n\
+         \x20 peer \"node-1\" 127.0.0.1:43001 weight 1 max_conns unlimited max_fails 1 fail_timeout 10s slow_start off\n\
+         \x20 peer \"node-2\" 127.0.0.1:44001 weight 1 max_conns unlimited max_fails 1 fail_timeout 10s slow_start off\n\
+         \x20 peer \"node-3\" 127.0.0.1:45001 weight 1 max_conns unlimited max_fails 1 fail_timeout 10s slow_start off\n\
          \x20   tls verify off\n\
-         \x20   kept, not used: shared_key=secret\n\
+         \x20   kept, not used: shared_key=(secret, not shown)\n\
          configuration {} is valid\n",
         file.display()
     );
     assert_eq!(stdout, expected);
+    assert!(!stdout.contains("secret\n"), "{stdout}");
 }
 
 #[test]
@@ -330,7 +333,9 @@ fn check_maps_node_tls_keys_and_expands_the_environment() {
     assert!(stdout.contains("peer \"n1\" 127.0.0.1:24299 "), "{stdout}");
     assert!(stdout.contains(&tls_line), "{stdout}");
     assert!(
-        stdout.contains("    kept, not used: username=fb password=pw self_hostname=edge-1\n"),
+        stdout.contains(
+            "    kept, not used: username=fb password=(secret, not shown) self_hostname=edge-1\n"
+        ),
         "{stdout}"
     );
 

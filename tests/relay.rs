@@ -197,6 +197,14 @@ async fn sigterm_stops_accepting_and_drains_open_connections() {
             .wait_for_log("draining", Duration::from_secs(5))
             .await
     );
+    // The signal is announced, as SIGHUP is.
+    assert!(
+        sluice
+            .log_text()
+            .contains("SIGTERM received: shutting down"),
+        "{}",
+        sluice.log_text()
+    );
     // The listener is closed at once...
     assert!(
         TcpStream::connect(&listen).await.is_err(),

@@ -1,25 +1,23 @@
 //! Start-up, the signal loop and graceful shutdown.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 pub mod config_watch;
+mod summary;
 pub mod supervisor;
 pub mod workers;
+
+pub use summary::summary;
 
 use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, ValueError};
 use crate::metrics::{self, MetricsError};
 use crate::net::listen::BindError;
-use crate::proxy::ListenerContext;
-use crate::tls::ClientTlsSettings;
-use crate::upstream::{SharedUpstream, Upstream};
 use config_watch::ConfigWatch;
 use supervisor::{PrepareError, Supervisor};
 use workers::Workers;
@@ -42,127 +40,6 @@ pub enum StartError {
     Admin(#[from] AdminBindError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-}
-
-/// Resolves every upstream of the configuration.
-pub async fn resolve_upstreams(
-    config: &Config,
-) -> Result<BTreeMap<String, SharedUpstream>, StartError> {
-    let mut upstreams = BTreeMap::new();
-    for (name, upstream) in &config.upstreams {
-        let resolved = Upstream::resolve(upstream, None)
-            .await
-            .map_err(|err| StartError::Config(err.into()))?;
-        upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
-    }
-    Ok(upstreams)
-}
-
-/// One context per listener, in configuration order; reads the listeners'
-/// TLS files, so an unusable one is a configuration error.
-pub fn listener_contexts(
-    config: &Config,
-    upstreams: &BTreeMap<String, SharedUpstream>,
-) -> Result<Vec<ListenerContext>, StartError> {
-    config
-        .listeners
-        .iter()
-        .map(|listener| {
-            ListenerContext::new(listener.clone(), Arc::clone(&upstreams[&listener.upstream]))
-                .map_err(StartError::Config)
-        })
-        .collect()
-}
-
-/// What `--check` prints: the configuration as sluice will run it.
-pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
-    let mut out = String::new();
-    if let Some(admin) = &config.admin {
-        let _ = writeln!(out, "admin endpoint on {}", admin.bind);
-    }
-    for listener in &config.listeners {
-        let _ = writeln!(
-            out,
-            "listener {:?} on {} -> upstream {:?} (connect_timeout {}, idle_timeout {}, next_upstream_tries {}, next_upstream_timeout {})",
-            listener.name,
-            listener.bind,
-            listener.upstream,
-            humantime::format_duration(listener.connect_timeout),
-            listener.idle_timeout.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
-            listener.next_upstream_tries,
-            listener.next_upstream_timeout.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
-        );
-        if let Some(tls) = &listener.tls {
-            let _ = writeln!(
-                out,
-                "  tls termination cert_file {} key_file {} client_ca_file {}",
-                tls.cert_file.display(),
-                tls.key_file.display(),
-                tls.client_ca_file
-                    .as_ref()
-                    .map_or("none (no client certificates)".into(), |p| p
-                        .display()
-                        .to_string()),
-            );
-        }
-    }
-    for upstream in upstreams.values().map(|shared| shared.load()) {
-        let _ = writeln!(
-            out,
-            "upstream {:?} balance {}",
-            upstream.name,
-            upstream.balance.name()
-        );
-        for peer in &upstream.peers {
-            let server = &peer.server;
-            let _ = writeln!(
-                out,
-                "  peer {:?} {} weight {} max_conns {} max_fails {} fail_timeout {}{}{}",
-                peer.label,
-                peer.target,
-                server.weight,
-                server.max_conns,
-                server.max_fails,
-                humantime::format_duration(server.fail_timeout),
-                if server.backup { " backup" } else { "" },
-                if server.down { " down" } else { "" },
-            );
-            if let Some(tls) = &server.tls {
-                let _ = writeln!(out, "    tls {}", describe_client_tls(tls));
-            }
-            if !server.plugin_keys.is_empty() {
-                let keys: Vec<String> = server
-                    .plugin_keys
-                    .iter()
-                    .map(|(key, value)| format!("{key}={value}"))
-                    .collect();
-                let _ = writeln!(out, "    kept, not used: {}", keys.join(" "));
-            }
-        }
-    }
-    out
-}
-
-fn describe_client_tls(tls: &ClientTlsSettings) -> String {
-    let mut text = format!("verify {}", if tls.verify { "on" } else { "off" });
-    if let Some(name) = &tls.server_name {
-        let _ = write!(text, " server_name {name}");
-    }
-    let files = [
-        ("ca_file", &tls.ca_file),
-        ("ca_path", &tls.ca_path),
-        ("cert_file", &tls.cert_file),
-        ("key_file", &tls.key_file),
-    ];
-    for (key, path) in files {
-        if let Some(path) = path {
-            let _ = write!(text, " {key} {}", path.display());
-        }
-    }
-    if tls.verify && tls.ca_file.is_none() && tls.ca_path.is_none() {
-        text.push_str(" (system trust roots)");
-    }
-    text
 }
 
 impl From<PrepareError> for StartError {
@@ -232,8 +109,14 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => {
+                info!(timeout = %humantime::format_duration(supervisor.config().shutdown_timeout), "SIGTERM received: shutting down");
+                break;
+            }
+            _ = interrupt.recv() => {
+                info!(timeout = %humantime::format_duration(supervisor.config().shutdown_timeout), "SIGINT received: shutting down");
+                break;
+            }
             _ = hangup.recv() => reload_from(&mut supervisor, &admin, &reload).await,
         }
     }

@@ -65,6 +65,83 @@ enum ListenerPlan {
     Start(Arc<BoundSocket>),
 }
 
+/// What a configuration builds before any socket is bound: each upstream's
+/// group (every address resolved, TLS files read) and each listener's
+/// context. Start, reload and `--check` all go through [`build`].
+struct Built {
+    upstreams: Vec<(String, UpstreamPlan)>,
+    /// In configuration order.
+    contexts: Vec<ListenerContext>,
+}
+
+/// Builds every upstream group and listener context of `config`. A group
+/// also in `running` is built on the running one (its peers keep their
+/// health) and kept as it is when nothing about it changed.
+async fn build(
+    config: &Config,
+    running: &BTreeMap<String, RunningUpstream>,
+) -> Result<Built, ValueError> {
+    let mut upstreams = Vec::with_capacity(config.upstreams.len());
+    for (name, upstream) in &config.upstreams {
+        let plan = match running.get(name) {
+            Some(running) => {
+                let old = running.shared.load_full();
+                let build = Upstream::resolve(upstream, Some(&old)).await?;
+                // A group with TLS is always rebuilt, so a reload
+                // re-reads its certificate files.
+                let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
+                if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
+                    UpstreamPlan::Keep
+                } else {
+                    UpstreamPlan::Replace(build)
+                }
+            }
+            None => {
+                let build = Upstream::resolve(upstream, None).await?;
+                UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
+            }
+        };
+        upstreams.push((name.clone(), plan));
+    }
+    let mut contexts = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        let shared = match upstreams
+            .iter()
+            .find(|(name, _)| *name == listener.upstream)
+        {
+            Some((_, UpstreamPlan::New(shared))) => Some(Arc::clone(shared)),
+            _ => running
+                .get(&listener.upstream)
+                .map(|running| Arc::clone(&running.shared)),
+        };
+        let Some(shared) = shared else {
+            return Err(ValueError::Unplaced(format!(
+                "listener {:?}: unknown upstream {:?}",
+                listener.name, listener.upstream
+            )));
+        };
+        contexts.push(ListenerContext::new(listener.clone(), shared)?);
+    }
+    Ok(Built {
+        upstreams,
+        contexts,
+    })
+}
+
+/// `--check`: builds everything `config` describes without binding or
+/// starting anything, and returns each upstream's group for the summary.
+pub async fn check(config: &Config) -> Result<BTreeMap<String, Arc<Upstream>>, ValueError> {
+    let built = build(config, &BTreeMap::new()).await?;
+    Ok(built
+        .upstreams
+        .into_iter()
+        .filter_map(|(name, plan)| match plan {
+            UpstreamPlan::New(shared) => Some((name, shared.load_full())),
+            UpstreamPlan::Keep | UpstreamPlan::Replace(_) => None,
+        })
+        .collect())
+}
+
 /// Why a configuration could not be put in place.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -136,54 +213,19 @@ impl Supervisor {
         0
     }
 
-    /// Resolves every upstream and binds every listener socket `config` needs
-    /// that is not open already. Changes nothing that runs.
+    /// Builds what `config` describes (see [`build`]) and binds every
+    /// listener socket it needs that is not open already. Changes nothing
+    /// that runs.
     async fn prepare(&self, config: Config) -> Result<Prepared, PrepareError> {
-        let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        for (name, upstream) in &config.upstreams {
-            let plan = match self.upstreams.get(name) {
-                Some(running) => {
-                    let old = running.shared.load_full();
-                    let build = Upstream::resolve(upstream, Some(&old))
-                        .await
-                        .map_err(|err| PrepareError::Config(err.into()))?;
-                    // A group with TLS is always rebuilt, so a reload
-                    // re-reads its certificate files.
-                    let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
-                    if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
-                        UpstreamPlan::Keep
-                    } else {
-                        UpstreamPlan::Replace(build)
-                    }
-                }
-                None => {
-                    let build = Upstream::resolve(upstream, None)
-                        .await
-                        .map_err(|err| PrepareError::Config(err.into()))?;
-                    UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
-                }
-            };
-            upstreams.push((name.clone(), plan));
-        }
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            let upstream = match upstreams
-                .iter()
-                .find(|(name, _)| *name == listener.upstream)
-            {
-                Some((_, UpstreamPlan::New(shared))) => Arc::clone(shared),
-                _ => match self.upstreams.get(&listener.upstream) {
-                    Some(running) => Arc::clone(&running.shared),
-                    None => {
-                        return Err(PrepareError::Config(ValueError::Unplaced(format!(
-                            "listener {:?}: unknown upstream {:?}",
-                            listener.name, listener.upstream
-                        ))))
-                    }
-                },
-            };
-            let context =
-                ListenerContext::new(listener.clone(), upstream).map_err(PrepareError::Config)?;
+        let Built {
+            upstreams,
+            contexts,
+        } = build(&config, &self.upstreams)
+            .await
+            .map_err(PrepareError::Config)?;
+        let mut listeners = Vec::with_capacity(contexts.len());
+        for context in contexts {
+            let listener = &context.config;
             let kept = self
                 .listeners
                 .get(&listener.name)
@@ -432,5 +474,148 @@ impl fmt::Display for ReloadSummary {
             f.write_str("nothing changed")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Listeners `(name, bind)` on upstream `pool` of `servers` (addresses
+    /// that are never connected to here).
+    fn config(listeners: &[(&str, &str)], servers: &[&str]) -> Config {
+        let mut text = String::new();
+        for (name, bind) in listeners {
+            text.push_str(&format!(
+                "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\nupstream = \"pool\"\n"
+            ));
+        }
+        text.push_str("[upstream.pool]\n");
+        for server in servers {
+            text.push_str(&format!(
+                "[[upstream.pool.server]]\naddress = \"{server}\"\n"
+            ));
+        }
+        Config::parse(&text, Path::new("test.toml")).expect("a valid configuration")
+    }
+
+    /// A UNIX listener address in a fresh directory (port 0 is not a valid address).
+    fn socket_in(dir: &tempfile::TempDir, name: &str) -> String {
+        format!("unix:{}", dir.path().join(name).display())
+    }
+
+    async fn start(config: Config) -> Supervisor {
+        Supervisor::start(config, vec![Handle::current()])
+            .await
+            .expect("started")
+    }
+
+    fn listener_address(supervisor: &Supervisor, name: &str) -> String {
+        supervisor.listeners[name].socket.local_addr()
+    }
+
+    #[tokio::test]
+    async fn reloading_the_same_configuration_changes_nothing() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let config = config(&[("front", &socket_in(&dir, "front"))], &["127.0.0.1:1"]);
+        let mut supervisor = start(config.clone()).await;
+        let before = supervisor.upstreams()["pool"].load_full();
+        let summary = supervisor.reload(config).await.expect("reloaded");
+        assert_eq!(summary.to_string(), "nothing changed");
+        // The same build stays, with its round-robin position.
+        assert!(Arc::ptr_eq(
+            &before,
+            &supervisor.upstreams()["pool"].load_full()
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_server_added_and_one_removed_are_named_and_health_is_kept() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let front = socket_in(&dir, "front");
+        let mut supervisor = start(config(
+            &[("front", &front)],
+            &["127.0.0.1:1", "127.0.0.1:2"],
+        ))
+        .await;
+        let shared = supervisor.upstreams()["pool"].clone();
+        let kept_health = Arc::clone(&shared.load().peers[1].health);
+        let summary = supervisor
+            .reload(config(
+                &[("front", &front)],
+                &["127.0.0.1:2", "127.0.0.1:3"],
+            ))
+            .await
+            .expect("reloaded");
+        assert_eq!(
+            summary.to_string(),
+            "upstreams changed: pool; peers added: pool/127.0.0.1:3; peers removed: pool/127.0.0.1:1"
+        );
+        // The group is replaced in the same shared slot the listeners read.
+        let build = shared.load();
+        assert_eq!(build.peers.len(), 2);
+        assert!(Arc::ptr_eq(&build.peers[0].health, &kept_health));
+    }
+
+    #[tokio::test]
+    async fn listeners_added_removed_and_renamed_onto_the_same_socket() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let mut supervisor = start(config(&[("a", &socket_in(&dir, "a"))], &["127.0.0.1:1"])).await;
+        let a_address = listener_address(&supervisor, "a");
+        // Renamed: the new name takes the running socket instead of binding again.
+        let summary = supervisor
+            .reload(config(
+                &[("b", &socket_in(&dir, "b")), ("c", &a_address)],
+                &["127.0.0.1:1"],
+            ))
+            .await
+            .expect("reloaded");
+        assert_eq!(
+            summary.to_string(),
+            "listeners added: b, c; listeners removed: a"
+        );
+        assert_eq!(listener_address(&supervisor, "c"), a_address);
+        assert!(!supervisor.listeners.contains_key("a"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_leaves_everything_running_as_it_was() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let front = socket_in(&dir, "front");
+        let config_before = config(&[("front", &front)], &["127.0.0.1:1"]);
+        let mut supervisor = start(config_before.clone()).await;
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+        let taken_address = taken.local_addr().expect("an address").to_string();
+        let err = supervisor
+            .reload(config(
+                &[("front", &front), ("second", &taken_address)],
+                &["127.0.0.1:9"],
+            ))
+            .await
+            .expect_err("the address is in use");
+        assert!(matches!(err, PrepareError::Bind(_)), "{err}");
+        assert_eq!(supervisor.config(), &config_before);
+        let peers: Vec<String> = supervisor.upstreams()["pool"]
+            .load()
+            .peers
+            .iter()
+            .map(|peer| peer.label.clone())
+            .collect();
+        assert_eq!(peers, ["127.0.0.1:1"]);
+        assert_eq!(supervisor.listeners.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn check_builds_every_group_without_binding() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+        let taken_address = taken.local_addr().expect("an address").to_string();
+        // The address is in use (by the running instance, say): --check does
+        // not bind, so it is no error.
+        let groups = check(&config(&[("front", &taken_address)], &["127.0.0.1:1"]))
+            .await
+            .expect("valid");
+        assert_eq!(groups["pool"].peers.len(), 1);
     }
 }

@@ -18,7 +18,7 @@ use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
 use stats::{unavailable_counter, PeerStats};
 use task::UpstreamTask;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// One peer: a server of the configuration at one resolved address.
 #[derive(Debug)]
@@ -271,14 +271,37 @@ impl Attempt {
     /// The attempt failed for `reason`: counts towards max_fails.
     pub fn failed(mut self, reason: &str) {
         self.settled = true;
-        self.peer().health.failed(Instant::now());
+        let now = Instant::now();
+        let was_failed = self.upstream.peer_state(self.index) == PeerState::Failed;
+        self.peer().health.failed(now);
         self.peer().stats.failed(reason);
+        // As nginx's "upstream server temporarily disabled": once per marking.
+        if !was_failed && self.upstream.peer_state(self.index) == PeerState::Failed {
+            let server = &self.peer().server;
+            warn!(
+                upstream = self.upstream.name.as_str(),
+                peer = self.peer().label.as_str(),
+                max_fails = server.max_fails,
+                fail_timeout = %humantime::format_duration(server.fail_timeout),
+                reason,
+                "peer marked failed: not selected for fail_timeout"
+            );
+        }
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
     pub fn succeeded(mut self) -> Lease {
         self.settled = true;
-        self.peer().health.succeeded();
+        let health = &self.peer().health;
+        let recovered_before = health.recovered_at();
+        health.succeeded();
+        if health.recovered_at() != recovered_before {
+            info!(
+                upstream = self.upstream.name.as_str(),
+                peer = self.peer().label.as_str(),
+                "peer recovered: a connection to it succeeded after it was marked failed"
+            );
+        }
         self.peer().stats.connected(self.started.elapsed());
         Lease {
             upstream: Arc::clone(&self.upstream),
