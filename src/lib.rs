@@ -6,7 +6,6 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod config_watch;
-pub mod fluentbit;
 pub mod health_check;
 pub mod metrics;
 pub mod proxy;
