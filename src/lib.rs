@@ -8,7 +8,6 @@ pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod config;
-pub mod fluentbit;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::fluentbit::{parse_classic, parse_yaml};
+use sluice::config::fluent_bit::reader::{parse_classic, parse_yaml};
 
 fn env(name: &str) -> Option<String> {
     (name == "HOST").then(|| "127.0.0.1".to_owned())

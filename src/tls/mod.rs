@@ -11,7 +11,6 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,41 +27,8 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
-/// TLS origination settings of one upstream server, as written in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientTlsSettings {
-    /// Check the server's certificate chain and name. When false, any
-    /// certificate is accepted (the caller is expected to warn about it) and
-    /// `ca_file` is not read.
-    pub verify: bool,
-    /// Name sent as SNI and checked against the certificate; `None` uses the
-    /// host of the server's address.
-    pub server_name: Option<String>,
-    /// PEM trust anchors; when neither this nor `ca_path` is set, the
-    /// system's trust roots are used.
-    pub ca_file: Option<PathBuf>,
-    /// A directory whose files hold PEM trust anchors (every certificate of
-    /// every regular file in it, symbolic links followed); adds to `ca_file`.
-    pub ca_path: Option<PathBuf>,
-    /// Client certificate chain (PEM) for mutual TLS; needs `key_file`.
-    pub cert_file: Option<PathBuf>,
-    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert_file`.
-    pub key_file: Option<PathBuf>,
-}
-
-impl Default for ClientTlsSettings {
-    /// Verification is on unless the configuration turns it off.
-    fn default() -> Self {
-        Self {
-            verify: true,
-            server_name: None,
-            ca_file: None,
-            ca_path: None,
-            cert_file: None,
-            key_file: None,
-        }
-    }
-}
+use crate::config::{parse_server_name, InvalidServerName, NamesFile};
+pub use crate::config::{ClientTlsSettings, PemKind, ServerTlsSettings};
 
 /// A ready connector for one server: the client configuration and the name to
 /// present (SNI) and check.
@@ -78,17 +44,6 @@ impl fmt::Debug for TlsOrigin {
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
-}
-
-/// TLS termination settings of one listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerTlsSettings {
-    /// Server certificate chain (PEM), end-entity certificate first.
-    pub cert_file: PathBuf,
-    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert_file`.
-    pub key_file: PathBuf,
-    /// When set, clients must present a certificate chaining to these PEM anchors.
-    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Why a TLS configuration could not be built. Variants about a file name it.
@@ -129,17 +84,10 @@ pub enum TlsError {
     },
     #[error("the system trust store yielded no certificates{details}")]
     NoSystemRoots { details: String },
-    #[error("invalid TLS server name {name:?}: neither a DNS name nor an IP address")]
-    InvalidServerName { name: String },
+    #[error(transparent)]
+    InvalidServerName(#[from] InvalidServerName),
     #[error("the crypto provider rejects the default protocol versions: {0}")]
     ProtocolVersions(rustls::Error),
-}
-
-/// What a TLS setting's file holds: tells apart two settings naming one file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PemKind {
-    Certificates,
-    PrivateKey,
 }
 
 impl TlsError {
@@ -162,9 +110,15 @@ impl TlsError {
             TlsError::KeyMismatch { key_file, .. }
             | TlsError::KeyWithoutCertificate { key_file } => Some((key_file, private_key)),
             TlsError::NoSystemRoots { .. }
-            | TlsError::InvalidServerName { .. }
+            | TlsError::InvalidServerName(_)
             | TlsError::ProtocolVersions(_) => None,
         }
+    }
+}
+
+impl NamesFile for TlsError {
+    fn file(&self) -> Option<(&Path, Option<PemKind>)> {
+        TlsError::file(self)
     }
 }
 
@@ -252,21 +206,6 @@ pub fn acceptor(settings: &ServerTlsSettings) -> Result<TlsAcceptor, TlsError> {
 
 fn ring_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// An IP literal (bare, or bracketed as in `[::1]:443`) is checked against the
-/// certificate's IP SANs; anything else must be a valid DNS name.
-pub fn parse_server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
-    let unbracketed = name
-        .strip_prefix('[')
-        .and_then(|inner| inner.strip_suffix(']'))
-        .unwrap_or(name);
-    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-        return Ok(ServerName::IpAddress(ip.into()));
-    }
-    ServerName::try_from(name.to_owned()).map_err(|_| TlsError::InvalidServerName {
-        name: name.to_owned(),
-    })
 }
 
 fn open_pem(path: &Path) -> Result<BufReader<File>, TlsError> {
@@ -1019,33 +958,6 @@ mod tests {
             matches!(&error, TlsError::NoCertificate { path } if path == &pki.client.key),
             "{error}"
         );
-    }
-
-    #[test]
-    fn server_names_are_dns_names_or_ip_addresses() {
-        assert!(matches!(
-            parse_server_name("backend.test"),
-            Ok(ServerName::DnsName(name)) if name.as_ref() == "backend.test"
-        ));
-        assert!(matches!(
-            parse_server_name("127.0.0.1"),
-            Ok(ServerName::IpAddress(_))
-        ));
-        for ipv6 in ["::1", "[::1]"] {
-            let Ok(ServerName::IpAddress(address)) = parse_server_name(ipv6) else {
-                panic!("{ipv6} is an IP address");
-            };
-            assert_eq!(
-                IpAddr::from(address),
-                "::1".parse::<IpAddr>().expect("IPv6")
-            );
-        }
-        for invalid in ["bad name", "[backend.test]", ""] {
-            assert!(
-                matches!(parse_server_name(invalid), Err(TlsError::InvalidServerName { name }) if name == invalid),
-                "{invalid}"
-            );
-        }
     }
 
     #[test]

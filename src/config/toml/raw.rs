@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::Address;
+use crate::config::Address;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,8 +209,8 @@ impl<'de> Deserialize<'de> for DurationValue {
 }
 
 mod defaults {
-    use super::super::server_defaults;
     use super::*;
+    use crate::config::server_defaults;
 
     fn spanned<T>(value: T) -> Spanned<T> {
         Spanned::new(0..0, value)

@@ -6,15 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use toml::Spanned;
+pub mod reader;
 
-use super::raw::RawClientTls;
 use super::{
-    server_defaults, Address, Balance, Config, ConfigError, FileLines, KeyLine, ListenerConfig,
-    ProxyProtocol, ServerConfig, Source, UpstreamConfig,
+    server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines, KeyLine,
+    ListenerConfig, PemKind, ProxyProtocol, ServerConfig, UpstreamConfig,
 };
-use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
-use crate::tls::{ClientTlsSettings, PemKind};
+use reader::{FluentBitError, Node, UpstreamFile};
 
 /// What a `--fluent-bit` configuration uses where a TOML file would say more:
 /// the TOML defaults.
@@ -28,7 +26,7 @@ impl Config {
     /// as Fluent Bit does; listener and upstream are named after the file's
     /// `[UPSTREAM] name`. Every other setting takes its TOML default.
     pub fn from_fluent_bit(file: &Path, bind: &str) -> Result<Config, ConfigError> {
-        let upstream_file = fluentbit::load(file).map_err(config_error)?;
+        let upstream_file = reader::load(file).map_err(config_error)?;
         let bind: Address = bind.parse().map_err(|message| ConfigError {
             file: PathBuf::from("--bind"),
             line: None,
@@ -68,69 +66,17 @@ impl Config {
     }
 }
 
-impl Source<'_> {
-    /// The servers of `from_fluent_bit = "FILE"` (relative to the TOML file's
-    /// directory). An error inside that file names that file and its line.
-    pub(super) fn fluent_bit_servers(
-        &self,
-        upstream: &str,
-        file: Spanned<PathBuf>,
-        group_tls: Option<&Spanned<RawClientTls>>,
-    ) -> Result<Vec<ServerConfig>, ConfigError> {
-        let span = file.span();
-        let path = self.relative(file.into_inner());
-        let upstream_file = fluentbit::load(&path).map_err(|err| {
-            if err.line.is_none() && !path.exists() {
-                // The file itself is missing: point at the key that names it.
-                self.error(
-                    Some(span.clone()),
-                    format!("upstream {upstream:?}: key `from_fluent_bit`: {err}"),
-                )
-            } else {
-                config_error(err)
-            }
-        })?;
-        let group_tls = match group_tls {
-            Some(tls) => Some(self.group_tls(upstream, tls.get_ref())?),
-            None => None,
-        };
-        servers_from_nodes(&upstream_file, group_tls.as_ref())
-    }
-
-    /// The upstream's `tls` table as the nodes take it, with its files' lines.
-    fn group_tls(&self, upstream: &str, tls: &RawClientTls) -> Result<GroupTls, ConfigError> {
-        if let Some(name) = &tls.server_name {
-            crate::tls::parse_server_name(name.get_ref())
-                .map_err(|err| self.error_at(name, format!("upstream {upstream:?}: TLS: {err}")))?;
-        }
-        let mut lines = FileLines::default();
-        let mut file = |path: &Option<Spanned<PathBuf>>, kind: PemKind| {
-            path.clone()
-                .map(|path| self.tls_file(path, kind, &mut lines))
-        };
-        let settings = ClientTlsSettings {
-            verify: tls.verify.unwrap_or(true),
-            server_name: tls.server_name.clone().map(Spanned::into_inner),
-            ca_file: file(&tls.ca_file, PemKind::Certificates),
-            ca_path: None,
-            cert_file: file(&tls.cert_file, PemKind::Certificates),
-            key_file: file(&tls.key_file, PemKind::PrivateKey),
-        };
-        Ok(GroupTls { settings, lines })
-    }
-}
-
 /// An upstream's `tls` table, for the nodes of its Fluent Bit file.
-struct GroupTls {
-    settings: ClientTlsSettings,
+pub(in crate::config) struct GroupTls {
+    pub settings: ClientTlsSettings,
     /// Where its files were named.
-    lines: FileLines,
+    pub lines: FileLines,
 }
 
 /// One server per node, in file order. A node's TLS is on only with `tls on`;
 /// `group_tls` (the upstream's `tls` table) fills in the name, CA and client
 /// certificate a node does not set; `tls.verify` is always the node's.
-fn servers_from_nodes(
+pub(in crate::config) fn servers_from_nodes(
     file: &UpstreamFile,
     group_tls: Option<&GroupTls>,
 ) -> Result<Vec<ServerConfig>, ConfigError> {
@@ -236,7 +182,7 @@ fn server_from_node(
     })
 }
 
-fn config_error(err: FluentBitError) -> ConfigError {
+pub(in crate::config) fn config_error(err: FluentBitError) -> ConfigError {
     ConfigError {
         file: err.file,
         line: err.line,
