@@ -125,14 +125,18 @@ async fn untrusted_certificate_is_refused_and_the_next_peer_serves() {
             .wait_for_log("TLS handshake failed", Duration::from_secs(5))
             .await
     );
-    let warnings: Vec<String> = sluice
+    // One warning for the failed attempt, and one for the peer it marked
+    // failed (a peer event, as nginx's "temporarily disabled").
+    let (marked, warnings): (Vec<String>, Vec<String>) = sluice
         .log_lines()
         .into_iter()
         .filter(|line| line.contains("WARN"))
-        .collect();
+        .partition(|line| line.contains("peer marked failed"));
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("TLS handshake failed"), "{warnings:?}");
     assert!(warnings[0].contains("peer=\"impostor\""), "{warnings:?}");
+    assert_eq!(marked.len(), 1, "{marked:?}");
+    assert!(marked[0].contains("peer=\"impostor\""), "{marked:?}");
     impostor.finish().await;
     good.finish().await;
 }
