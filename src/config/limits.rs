@@ -7,6 +7,9 @@ use std::time::Duration;
 /// files together.
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// A TLS certificate, key or CA file.
+pub const MAX_PEM_BYTES: u64 = 16 * 1024 * 1024;
+
 /// One line, and one Fluent Bit value after `${VAR}` expansion.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
