@@ -11,7 +11,8 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{AdminConfig, Config};
+use crate::config::limits::MAX_DURATION;
+use crate::config::{quoted, AdminConfig, Config};
 use crate::lifecycle::config_watch::ConfigWatch;
 use crate::lifecycle::{self, supervisor, workers, StartError};
 
@@ -30,7 +31,7 @@ pub struct Cli {
     pub check: bool,
     /// Run one listener in front of the nodes of this Fluent Bit Upstream
     /// file, round-robin, instead of reading a TOML configuration.
-    #[arg(long, value_name = "FILE", requires = "bind")]
+    #[arg(long, value_name = "FILE")]
     pub fluent_bit: Option<PathBuf>,
     /// With --fluent-bit: the listener's address (HOST:PORT, [IPv6]:PORT or unix:/path).
     #[arg(long, value_name = "ADDR", requires = "fluent_bit")]
@@ -89,6 +90,13 @@ pub fn main() -> ExitCode {
         return command_line_error(Cli::command().error(
             ErrorKind::ArgumentConflict,
             "--fluent-bit and --config cannot be used together",
+        ));
+    }
+    // Checked after the conflict, which is the more useful thing to say.
+    if cli.fluent_bit.is_some() && cli.bind.is_none() {
+        return command_line_error(Cli::command().error(
+            ErrorKind::MissingRequiredArgument,
+            "--fluent-bit needs --bind ADDR, the listener's address",
         ));
     }
     if let Err(err) = init_logging(cli.log_format, cli.log_level.as_deref()) {
@@ -180,7 +188,14 @@ fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
         return Ok(None);
     };
     let interval = humantime::parse_duration(value)
-        .map_err(|err| format!("invalid duration {value:?}: {err}"))?;
+        .map_err(|err| format!("invalid duration {}: {err}", quoted(value)))?;
+    if interval > MAX_DURATION {
+        return Err(format!(
+            "{} is longer than the longest allowed duration, {}d",
+            quoted(value),
+            MAX_DURATION.as_secs() / (24 * 60 * 60)
+        ));
+    }
     Ok((!interval.is_zero()).then_some(interval))
 }
 

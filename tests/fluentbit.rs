@@ -207,7 +207,7 @@ async fn seed_example_balances_forward_traffic_over_three_nodes_one_over_tls() {
     assert!(
         sluice
             .log_text()
-            .contains("verify = false): any certificate is accepted upstream=\"forward-balancing\" server=\"node-3\""),
+            .contains("tls.verify off): any certificate is accepted upstream=\"forward-balancing\" server=\"node-3\""),
         "{}",
         sluice.log_text()
     );

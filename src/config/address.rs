@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::de::{self, Deserialize, Deserializer};
 
+use super::quoted;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Address {
     /// A host name or IP literal (IPv6 without brackets) and a port in 1-65535.
@@ -40,11 +42,12 @@ impl FromStr for Address {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
+        let shown = quoted(text);
         if let Some(path) = text.strip_prefix("unix:") {
             let path = PathBuf::from(path);
             if !path.is_absolute() {
                 return Err(format!(
-                    "address {text:?}: a unix socket path must be absolute"
+                    "address {shown}: a unix socket path must be absolute"
                 ));
             }
             return Ok(Address::Unix(path));
@@ -52,31 +55,39 @@ impl FromStr for Address {
         let (host, port) = if let Some(rest) = text.strip_prefix('[') {
             let (host, after) = rest
                 .split_once(']')
-                .ok_or_else(|| format!("address {text:?}: missing ']' after the IPv6 address"))?;
+                .ok_or_else(|| format!("address {shown}: missing ']' after the IPv6 address"))?;
             if host.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(format!("address {text:?}: {host:?} is not an IPv6 address"));
+                return Err(format!(
+                    "address {shown}: {} is not an IPv6 address",
+                    quoted(host)
+                ));
             }
             let port = after
                 .strip_prefix(':')
-                .ok_or_else(|| format!("address {text:?}: expected ':PORT' after ']'"))?;
+                .ok_or_else(|| format!("address {shown}: expected ':PORT' after ']'"))?;
             (host, port)
         } else {
             let (host, port) = text.rsplit_once(':').ok_or_else(|| {
-                format!("address {text:?}: expected HOST:PORT, [IPv6]:PORT or unix:/path")
+                format!("address {shown}: expected HOST:PORT, [IPv6]:PORT or unix:/path")
             })?;
             if host.contains(':') {
                 return Err(format!(
-                    "address {text:?}: write IPv6 addresses as [IPv6]:PORT"
+                    "address {shown}: write IPv6 addresses as [IPv6]:PORT"
                 ));
             }
             (host, port)
         };
         if host.is_empty() {
-            return Err(format!("address {text:?}: the host is empty"));
+            return Err(format!("address {shown}: the host is empty"));
         }
         let port = match port.parse::<u32>() {
             Ok(port @ 1..=65535) => port as u16,
-            _ => return Err(format!("address {text:?}: port {port:?} is not in 1-65535")),
+            _ => {
+                return Err(format!(
+                    "address {shown}: port {} is not in 1-65535",
+                    quoted(port)
+                ))
+            }
         };
         Ok(Address::Inet {
             host: host.to_owned(),

@@ -1,11 +1,38 @@
 //! Configuration errors and where they are: the file, the line, and the
 //! line of each value that is checked only when used.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use super::limits::QUOTE_CHARS;
 use super::tls_settings::{NamesFile, PemKind};
 
+/// At most this many characters of a message are shown, whatever it quotes:
+/// no input can make an error flood the terminal or the log.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// The first [`QUOTE_CHARS`] characters of `text`, marked when cut.
+pub fn clip(text: &str) -> Cow<'_, str> {
+    clip_to(text, QUOTE_CHARS)
+}
+
+/// `text` in double quotes, as `{:?}` shows it, cut to [`QUOTE_CHARS`].
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_CHARS) {
+        Some((end, _)) => format!("{:?}...", &text[..end]),
+        None => format!("{text:?}"),
+    }
+}
+
+fn clip_to(text: &str, chars: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => Cow::Owned(format!("{}...", &text[..end])),
+        None => Cow::Borrowed(text),
+    }
+}
+
+/// A configuration error: names the file, the line where known, and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     pub file: PathBuf,
@@ -16,10 +43,30 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
+            Some(line) => write!(f, "{}:{line}: ", self.file.display())?,
+            None => write!(f, "{}: ", self.file.display())?,
+        }
+        f.write_str(&clip_to(&self.message, MAX_MESSAGE_CHARS))
+    }
+}
+
+/// `text` up to a `#` outside any quoted string (TOML's basic `"..."` with
+/// escapes, and literal `'...'`).
+fn without_comment(text: &str) -> &str {
+    let mut quote = None;
+    let mut escaped = false;
+    for (at, char) in text.char_indices() {
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if char == '\\' => escaped = true,
+            Some(open) if char == open => quote = None,
+            Some(_) => {}
+            None if char == '#' => return &text[..at],
+            None if char == '"' || char == '\'' => quote = Some(char),
+            None => {}
         }
     }
+    text
 }
 
 /// Where a key was written, so that an error found only when its value is
@@ -47,6 +94,19 @@ impl KeyLine {
             file: self.file.clone(),
             line: Some(self.line),
             message,
+        }
+    }
+}
+
+impl KeyLine {
+    /// The line `line` of a TOML file, whose `text` an error quotes: the key
+    /// and value it holds, without a comment, cut to [`QUOTE_CHARS`].
+    pub(super) fn quoting(file: &Path, line: usize, text: &str) -> KeyLine {
+        let setting = without_comment(text).trim();
+        KeyLine {
+            file: file.to_owned(),
+            line,
+            quote: (!setting.is_empty()).then(|| clip(setting).into_owned()),
         }
     }
 }

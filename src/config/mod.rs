@@ -5,17 +5,18 @@
 mod address;
 mod error;
 pub mod fluent_bit;
+pub mod limits;
 mod tls_settings;
 mod toml;
 mod types;
 
 pub use address::Address;
-pub use error::{ConfigError, FileLines, KeyLine, ValueError};
+pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
 pub use tls_settings::{
     parse_server_name, ClientTlsSettings, InvalidServerName, NamesFile, PemKind, ServerTlsSettings,
 };
 pub use toml::raw::{Balance, HashKey, ProxyProtocol};
 use types::server_defaults;
 pub use types::{
-    AdminConfig, Config, HealthCheckConfig, ListenerConfig, ServerConfig, UpstreamConfig,
+    AdminConfig, Config, HealthCheckConfig, ListenerConfig, ServerConfig, Syntax, UpstreamConfig,
 };

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::ServerName;
 
+use super::quoted;
+
 /// TLS origination settings of one upstream server, as written in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTlsSettings {
@@ -70,7 +72,7 @@ pub trait NamesFile {
 
 /// A TLS server name that is neither a DNS name nor an IP address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid TLS server name {name:?}: neither a DNS name nor an IP address")]
+#[error("invalid TLS server name {}: neither a DNS name nor an IP address", quoted(.name))]
 pub struct InvalidServerName {
     pub name: String,
 }

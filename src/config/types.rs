@@ -112,9 +112,29 @@ pub struct ServerConfig {
     /// Where the files of `tls` were named (the server's table, the group's
     /// or the node's).
     pub tls_lines: FileLines,
+    /// The format the server was written in.
+    pub syntax: Syntax,
     /// Keys of a Fluent Bit node that sluice keeps but does not use
     /// (`shared_key`, ...), in file order; listed by `--check`.
     pub plugin_keys: Vec<(String, String)>,
+}
+
+/// The format a server was written in, so that messages about it use the
+/// words of its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Syntax {
+    Toml,
+    FluentBit,
+}
+
+impl Syntax {
+    /// The setting that turns TLS verification off, as written in this format.
+    pub fn verify_off(self) -> &'static str {
+        match self {
+            Syntax::Toml => "verify = false",
+            Syntax::FluentBit => "tls.verify off",
+        }
+    }
 }
 
 impl ServerConfig {

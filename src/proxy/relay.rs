@@ -216,7 +216,8 @@ where
         timer: Box::pin(sleep_until(timer_deadline(
             now,
             next_report,
-            idle_timeout.map(|timeout| now + timeout),
+            // A deadline past what an Instant holds is never reached.
+            idle_timeout.and_then(|timeout| now.checked_add(timeout)),
         ))),
     };
     poll_fn(move |cx| driver.poll(cx))
@@ -317,7 +318,7 @@ where
             }
             let idle_deadline = self
                 .idle_timeout
-                .map(|timeout| self.last_progress + timeout);
+                .and_then(|timeout| self.last_progress.checked_add(timeout));
             if idle_deadline.is_some_and(|deadline| now >= deadline) {
                 return Poll::Ready(RelayEnd::Idle);
             }
@@ -466,5 +467,16 @@ mod tests {
             ),
         }
         assert_eq!(*reports.borrow(), [(10, 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_beyond_any_instant_means_never() {
+        let (relay, pending, reports) = fake_relay(Some(Duration::MAX));
+        let mut relay = pin!(relay);
+        pending.set(5);
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        tokio::time::advance(TRAFFIC_REPORT_INTERVAL * 3).await;
+        assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
+        assert_eq!(*reports.borrow(), [(5, 0)]);
     }
 }

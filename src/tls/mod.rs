@@ -10,14 +10,15 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
@@ -27,6 +28,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
+use crate::config::limits::MAX_PEM_BYTES;
 use crate::config::{parse_server_name, InvalidServerName, NamesFile};
 pub use crate::config::{ClientTlsSettings, PemKind, ServerTlsSettings};
 
@@ -208,23 +210,42 @@ fn ring_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn open_pem(path: &Path) -> Result<BufReader<File>, TlsError> {
+/// A PEM file's content. At most [`MAX_PEM_BYTES`] are read: a device or a
+/// file that never ends fails at the limit.
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let read_error = |source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut pem = Vec::new();
     File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })
+        .and_then(|file| file.take(MAX_PEM_BYTES + 1).read_to_end(&mut pem))
+        .map_err(read_error)?;
+    if pem.len() as u64 > MAX_PEM_BYTES {
+        return Err(read_error(io::Error::other(format!(
+            "the file is larger than {MAX_PEM_BYTES} bytes"
+        ))));
+    }
+    Ok(pem)
+}
+
+/// A PEM file that cannot be decoded is reported as unreadable, naming it.
+fn pem_error(path: &Path, err: pem::Error) -> TlsError {
+    let source = match err {
+        pem::Error::Io(source) => source,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    };
+    TlsError::Read {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// All certificates of a PEM file, in file order; at least one.
 fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certificates = rustls_pemfile::certs(&mut open_pem(path)?)
+    let certificates = CertificateDer::pem_slice_iter(&read_pem(path)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|err| pem_error(path, err))?;
     if certificates.is_empty() {
         return Err(TlsError::NoCertificate {
             path: path.to_owned(),
@@ -312,14 +333,15 @@ fn load_certified_key(
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {
     let chain = load_certificates(cert_file)?;
-    let key = rustls_pemfile::private_key(&mut open_pem(key_file)?)
-        .map_err(|source| TlsError::Read {
-            path: key_file.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoPrivateKey {
-            path: key_file.to_owned(),
-        })?;
+    let key = match PrivateKeyDer::from_pem_slice(&read_pem(key_file)?) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => {
+            return Err(TlsError::NoPrivateKey {
+                path: key_file.to_owned(),
+            })
+        }
+        Err(err) => return Err(pem_error(key_file, err)),
+    };
     let signing_key = provider
         .key_provider
         .load_private_key(key)
@@ -666,8 +688,7 @@ mod tests {
         // key: built by hand because `acceptor` refuses the mismatched pair.
         let provider = ring_provider();
         let chain = load_certificates(&pki.impostor.cert).expect("impostor certificate");
-        let key = rustls_pemfile::private_key(&mut open_pem(&pki.server.key).expect("open key"))
-            .expect("read key")
+        let key = PrivateKeyDer::from_pem_slice(&read_pem(&pki.server.key).expect("read key"))
             .expect("a key");
         let signing_key = provider
             .key_provider
@@ -963,5 +984,22 @@ mod tests {
     #[test]
     fn default_settings_verify() {
         assert!(ClientTlsSettings::default().verify);
+    }
+
+    #[test]
+    fn a_pem_file_is_read_only_up_to_its_limit() {
+        let settings = ServerTlsSettings {
+            cert_file: PathBuf::from("/dev/zero"),
+            key_file: PathBuf::from("/dev/zero"),
+            client_ca_file: None,
+        };
+        let error = acceptor(&settings)
+            .err()
+            .expect("/dev/zero is no certificate");
+        assert!(
+            matches!(&error, TlsError::Read { path, source }
+                if path == Path::new("/dev/zero") && source.to_string().contains("larger than")),
+            "{error}"
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 pub mod reader;
 
 use super::{
-    server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines, KeyLine,
-    ListenerConfig, PemKind, ProxyProtocol, ServerConfig, UpstreamConfig,
+    quoted, server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines,
+    KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax, UpstreamConfig,
 };
 use reader::{FluentBitError, Node, UpstreamFile};
 
@@ -153,7 +153,7 @@ fn server_from_node(
             return Err(ConfigError {
                 file: node.file.clone(),
                 line: Some(node.line),
-                message: format!("node {:?}: {problem}", node.name),
+                message: format!("node {}: {problem}", quoted(&node.name)),
             });
         }
         Some(settings)
@@ -161,6 +161,7 @@ fn server_from_node(
         None
     };
     Ok(ServerConfig {
+        syntax: Syntax::FluentBit,
         address: Address::Inet {
             host: node.host.clone(),
             port: node.port,

@@ -12,15 +12,17 @@
 //! in [`Node::extra`] in file order. Every error names the file and, where
 //! there is one, the line.
 
-use std::collections::HashSet;
-use std::fs;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use saphyr_parser::{Event, Parser, ScalarStyle, StrInput};
 
-/// How deep `@INCLUDE` may nest. Cycles are caught separately; this bounds
-/// runaway chains of distinct files.
-const MAX_INCLUDE_DEPTH: usize = 16;
+use crate::config::limits::{
+    MAX_FILE_BYTES, MAX_INCLUDE_DEPTH, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS,
+};
+use crate::config::{clip, quoted};
 
 /// How deep YAML collections may nest; an upstream file needs four levels,
 /// and the bound keeps hostile input from exhausting the stack.
@@ -74,12 +76,22 @@ impl Node {
 
 /// Why a file could not be read as an upstream file, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {}", location(.file, .line), .message)]
+#[error("{}: {}", location(.file, .line), shown_message(.message))]
 pub struct FluentBitError {
     pub file: PathBuf,
     /// None when the problem is the file as a whole (unreadable, no upstream).
     pub line: Option<usize>,
     pub message: String,
+}
+
+/// At most this many characters of a message are shown, whatever it quotes.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+fn shown_message(message: &str) -> &str {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((end, _)) => &message[..end],
+        None => message,
+    }
 }
 
 fn location(file: &Path, line: &Option<usize>) -> String {
@@ -119,7 +131,7 @@ pub fn load_with_env(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<UpstreamFile, FluentBitError> {
-    let text = read_utf8(path).map_err(|failure| match failure {
+    let text = read_utf8(path, MAX_FILE_BYTES).map_err(|failure| match failure {
         ReadFailure::Io(error) => {
             FluentBitError::whole_file(path, format!("cannot read file: {error}"))
         }
@@ -139,11 +151,13 @@ pub fn parse_classic(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<UpstreamFile, FluentBitError> {
+    check_size(text, path)?;
     let mut reader = ClassicReader {
-        env,
+        env: Environment::new(env),
         sections: Vec::new(),
         open_files: Vec::new(),
         read_files: HashSet::new(),
+        read_bytes: text.len() as u64,
     };
     // `path` may not exist (text handed in directly); then only its
     // includes take part in cycle detection.
@@ -161,8 +175,10 @@ pub fn parse_yaml(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<UpstreamFile, FluentBitError> {
+    check_size(text, path)?;
+    check_line_lengths(text, path)?;
     let root = read_yaml_document(text, path)?;
-    let sections = yaml_sections(root, path, env)?;
+    let sections = yaml_sections(root, path, &mut Environment::new(env))?;
     build_upstream(sections, path)
 }
 
@@ -174,13 +190,53 @@ fn is_yaml_path(path: &Path) -> bool {
         })
 }
 
+/// A file of more than [`MAX_FILE_BYTES`] is refused whole.
+fn check_size(text: &str, path: &Path) -> Result<(), FluentBitError> {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(FluentBitError::whole_file(
+            path,
+            format!("the file is larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every line at most [`MAX_LINE_BYTES`] long; else an error at the first longer one.
+fn check_line_lengths(text: &str, path: &Path) -> Result<(), FluentBitError> {
+    match text
+        .split('\n')
+        .position(|line| line.len() > MAX_LINE_BYTES)
+    {
+        Some(index) => Err(line_too_long(path, index + 1)),
+        None => Ok(()),
+    }
+}
+
+fn line_too_long(path: &Path, line: usize) -> FluentBitError {
+    FluentBitError::at(
+        path,
+        line,
+        format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+    )
+}
+
 enum ReadFailure {
     Io(std::io::Error),
     NotUtf8 { line: usize },
 }
 
-fn read_utf8(path: &Path) -> Result<String, ReadFailure> {
-    let bytes = fs::read(path).map_err(ReadFailure::Io)?;
+/// At most `limit` bytes are read: a device or a file that grows while it
+/// is read (`/dev/zero`) fails at the limit.
+fn read_utf8(path: &Path, limit: u64) -> Result<String, ReadFailure> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|file| file.take(limit.saturating_add(1)).read_to_end(&mut bytes))
+        .map_err(ReadFailure::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadFailure::Io(std::io::Error::other(format!(
+            "more than {MAX_FILE_BYTES} bytes in the file and its includes"
+        ))));
+    }
     String::from_utf8(bytes).map_err(|error| {
         let valid_len = error.utf8_error().valid_up_to();
         let newlines = error
@@ -206,6 +262,8 @@ struct RawSection {
     file: PathBuf,
     line: usize,
     entries: Vec<RawEntry>,
+    /// The line of each key so far, for a linear duplicate check.
+    key_lines: HashMap<String, usize>,
 }
 
 struct RawEntry {
@@ -223,6 +281,7 @@ impl RawSection {
             file: file.to_path_buf(),
             line,
             entries: Vec::new(),
+            key_lines: HashMap::new(),
         }
     }
 
@@ -232,32 +291,38 @@ impl RawSection {
         key: &str,
         raw_value: &str,
         line: usize,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &mut Environment<'_>,
     ) -> Result<(), FluentBitError> {
         let key = key.to_ascii_lowercase();
         let at = |message: String| FluentBitError::at(&self.file, line, message);
-        let value = expand_env(raw_value, env).map_err(at)?;
-        if value.is_empty() {
-            return Err(at(format!("{key} has an empty value")));
-        }
+        let shown = quoted(&key);
         if self.kind == SectionKind::Upstream && key != "name" {
             return Err(at(format!(
-                "unknown key {key:?} in the upstream section (it takes only \"name\")"
+                "unknown key {shown} in the upstream section (it takes only \"name\")"
             )));
         }
-        if let Some(first) = self.entries.iter().find(|entry| entry.key == key) {
+        if let Some(first) = self.key_lines.get(&key) {
             return Err(at(format!(
-                "duplicate key {key:?} (first set at line {})",
-                first.line
+                "duplicate key {shown} (first set at line {first})"
             )));
         }
+        if self.entries.len() == MAX_KEYS_PER_SECTION {
+            return Err(at(format!(
+                "more than {MAX_KEYS_PER_SECTION} keys in one section"
+            )));
+        }
+        let value = env.expand(raw_value).map_err(at)?;
+        if value.is_empty() {
+            return Err(at(format!("{} has an empty value", clip(&key))));
+        }
+        self.key_lines.insert(key.clone(), line);
         self.entries.push(RawEntry { key, value, line });
         Ok(())
     }
 }
 
 struct ClassicReader<'env> {
-    env: &'env dyn Fn(&str) -> Option<String>,
+    env: Environment<'env>,
     /// Every section of every file, in reading order.
     sections: Vec<RawSection>,
     /// Canonical paths of the files being read, outermost first.
@@ -265,6 +330,8 @@ struct ClassicReader<'env> {
     /// Canonical paths of every file read so far: including one twice would
     /// duplicate its nodes.
     read_files: HashSet<PathBuf>,
+    /// Bytes of every file read so far, held to [`MAX_FILE_BYTES`].
+    read_bytes: u64,
 }
 
 impl ClassicReader<'_> {
@@ -276,6 +343,9 @@ impl ClassicReader<'_> {
         // `trim` below also drops the `\r` of CRLF line endings.
         for (index, raw_line) in text.split('\n').enumerate() {
             let line = index + 1;
+            if raw_line.len() > MAX_LINE_BYTES {
+                return Err(line_too_long(file, line));
+            }
             let content = raw_line.trim();
             if content.is_empty() || content.starts_with('#') {
                 continue;
@@ -296,17 +366,17 @@ impl ClassicReader<'_> {
                 return Err(FluentBitError::at(
                     file,
                     line,
-                    format!("key {key:?} is outside any section"),
+                    format!("key {} is outside any section", quoted(key)),
                 ));
             };
             if raw_value.is_empty() {
                 return Err(FluentBitError::at(
                     file,
                     line,
-                    format!("key {key:?} has no value"),
+                    format!("key {} has no value", quoted(key)),
                 ));
             }
-            self.sections[section_index].add(key, raw_value, line, self.env)?;
+            self.sections[section_index].add(key, raw_value, line, &mut self.env)?;
         }
         Ok(())
     }
@@ -322,7 +392,8 @@ impl ClassicReader<'_> {
         let at = |message: String| FluentBitError::at(file, line, message);
         if !directive.eq_ignore_ascii_case("@include") {
             return Err(at(format!(
-                "unknown directive {directive:?} (only @INCLUDE is supported)"
+                "unknown directive {} (only @INCLUDE is supported)",
+                quoted(directive)
             )));
         }
         if raw_value.is_empty() {
@@ -333,27 +404,27 @@ impl ClassicReader<'_> {
                 "@INCLUDE nested more than {MAX_INCLUDE_DEPTH} levels deep"
             )));
         }
-        let target = expand_env(raw_value, self.env).map_err(at)?;
+        let target = self.env.expand(raw_value).map_err(at)?;
         let base = file.parent().unwrap_or(Path::new(""));
         if !target.contains(['*', '?', '[']) {
             return self.include_file(&base.join(&target), file, line, depth);
         }
         let pattern = glob_pattern(base, &target).map_err(at)?;
         let matches = glob::glob(&pattern)
-            .map_err(|error| at(format!("bad @INCLUDE pattern {target:?}: {error}")))?;
+            .map_err(|error| at(format!("bad @INCLUDE pattern {}: {error}", quoted(&target))))?;
         let mut paths = Vec::new();
         for entry in matches {
             let path = entry.map_err(|error| {
                 at(format!(
-                    "cannot read include {:?}: {}",
-                    error.path().display().to_string(),
+                    "cannot read include {}: {}",
+                    quoted(&error.path().display().to_string()),
                     error.error()
                 ))
             })?;
             paths.push(path);
         }
         if paths.is_empty() {
-            return Err(at(format!("@INCLUDE {target:?} matched no file")));
+            return Err(at(format!("@INCLUDE {} matched no file", quoted(&target))));
         }
         paths.sort();
         for path in paths {
@@ -370,19 +441,34 @@ impl ClassicReader<'_> {
         depth: usize,
     ) -> Result<(), FluentBitError> {
         let at = |message: String| FluentBitError::at(including_file, include_line, message);
-        let shown = target.display().to_string();
+        let shown = quoted(&target.display().to_string());
         let canonical = fs::canonicalize(target)
-            .map_err(|error| at(format!("cannot read include {shown:?}: {error}")))?;
+            .map_err(|error| at(format!("cannot read include {shown}: {error}")))?;
         if self.open_files.contains(&canonical) {
-            return Err(at(format!("include cycle: {shown:?} includes itself")));
+            return Err(at(format!("include cycle: {shown} includes itself")));
         }
         if !self.read_files.insert(canonical.clone()) {
-            return Err(at(format!("{shown:?} is included more than once")));
+            return Err(at(format!("{shown} is included more than once")));
         }
-        let text = read_utf8(target).map_err(|failure| match failure {
-            ReadFailure::Io(error) => at(format!("cannot read include {shown:?}: {error}")),
+        // Checked before opening: opening a FIFO would wait for a writer.
+        let metadata = fs::metadata(&canonical)
+            .map_err(|error| at(format!("cannot read include {shown}: {error}")))?;
+        if !metadata.is_file() {
+            return Err(at(format!(
+                "cannot read include {shown}: not a regular file"
+            )));
+        }
+        let room = MAX_FILE_BYTES.saturating_sub(self.read_bytes);
+        if metadata.len() > room {
+            return Err(at(format!(
+                "cannot read include {shown}: more than {MAX_FILE_BYTES} bytes in the file and its includes"
+            )));
+        }
+        let text = read_utf8(&canonical, room).map_err(|failure| match failure {
+            ReadFailure::Io(error) => at(format!("cannot read include {shown}: {error}")),
             ReadFailure::NotUtf8 { line } => FluentBitError::at(target, line, "not valid UTF-8"),
         })?;
+        self.read_bytes += text.len() as u64;
         self.open_files.push(canonical);
         let result = self.read_text(&text, target, depth + 1);
         self.open_files.pop();
@@ -397,7 +483,8 @@ fn parse_section_header(content: &str) -> Result<SectionKind, String> {
         .and_then(|rest| rest.strip_suffix(']'))
     else {
         return Err(format!(
-            "malformed section header {content:?} (expected [NAME] alone on the line)"
+            "malformed section header {} (expected [NAME] alone on the line)",
+            quoted(content)
         ));
     };
     let name = name.trim();
@@ -407,7 +494,8 @@ fn parse_section_header(content: &str) -> Result<SectionKind, String> {
         Ok(SectionKind::Node)
     } else {
         Err(format!(
-            "unknown section [{name}] (an upstream file holds only [UPSTREAM] and [NODE])"
+            "unknown section [{}] (an upstream file holds only [UPSTREAM] and [NODE])",
+            clip(name)
         ))
     }
 }
@@ -428,54 +516,93 @@ fn glob_pattern(base: &Path, written: &str) -> Result<String, String> {
     }
     let Some(base) = base.to_str() else {
         return Err(format!(
-            "cannot match @INCLUDE {written:?}: directory {:?} is not valid UTF-8",
-            base.display().to_string()
+            "cannot match @INCLUDE {}: directory {} is not valid UTF-8",
+            quoted(written),
+            quoted(&base.display().to_string())
         ));
     };
     Ok(format!("{}/{written}", glob::Pattern::escape(base)))
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}`. As in the shell, the default
-/// also stands in for a variable set to the empty string. Substituted text
-/// is not expanded again, and defaults cannot nest.
-fn expand_env(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut expanded = String::with_capacity(value.len());
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        expanded.push_str(&rest[..start]);
-        let after_open = &rest[start + 2..];
-        let Some(end) = after_open.find('}') else {
-            return Err(format!("unterminated \"${{\" in {value:?}"));
-        };
-        let reference = &after_open[..end];
-        let (name, default) = match reference.split_once(":-") {
-            Some((name, default)) => (name, Some(default)),
-            None => (reference, None),
-        };
-        if !is_variable_name(name) {
-            return Err(format!(
-                "invalid environment variable name {name:?} in {value:?}"
-            ));
+/// `${VAR}` lookups, and how much expanded text they have made: each value
+/// after expansion is held to [`MAX_LINE_BYTES`], and all of them together
+/// to [`MAX_FILE_BYTES`], so a long variable used many times cannot exhaust
+/// memory.
+struct Environment<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+    expanded_bytes: u64,
+}
+
+impl<'a> Environment<'a> {
+    fn new(lookup: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Environment {
+            lookup,
+            expanded_bytes: 0,
         }
-        if default.is_some_and(|default| default.contains("${")) {
-            return Err(format!(
-                "nested \"${{\" in the default of {name} is not supported"
-            ));
-        }
-        match (env(name), default) {
-            (Some(set), Some(default)) if set.is_empty() => expanded.push_str(default),
-            (Some(set), _) => expanded.push_str(&set),
-            (None, Some(default)) => expanded.push_str(default),
-            (None, None) => {
-                return Err(format!(
-                    "environment variable {name:?} is not set and has no default"
-                ))
-            }
-        }
-        rest = &after_open[end + 1..];
     }
-    expanded.push_str(rest);
-    Ok(expanded)
+
+    /// Replaces `${VAR}` and `${VAR:-default}`. As in the shell, the default
+    /// also stands in for a variable set to the empty string. Substituted
+    /// text is not expanded again, and defaults cannot nest.
+    fn expand(&mut self, value: &str) -> Result<String, String> {
+        let mut expanded = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(start) = rest.find("${") {
+            self.append(&mut expanded, &rest[..start])?;
+            let after_open = &rest[start + 2..];
+            let Some(end) = after_open.find('}') else {
+                return Err(format!("unterminated \"${{\" in {}", quoted(value)));
+            };
+            let reference = &after_open[..end];
+            let (name, default) = match reference.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (reference, None),
+            };
+            if !is_variable_name(name) {
+                return Err(format!(
+                    "invalid environment variable name {} in {}",
+                    quoted(name),
+                    quoted(value)
+                ));
+            }
+            if default.is_some_and(|default| default.contains("${")) {
+                return Err(format!(
+                    "nested \"${{\" in the default of {name} is not supported"
+                ));
+            }
+            match ((self.lookup)(name), default) {
+                (Some(set), Some(default)) if set.is_empty() => {
+                    self.append(&mut expanded, default)?
+                }
+                (Some(set), _) => self.append(&mut expanded, &set)?,
+                (None, Some(default)) => self.append(&mut expanded, default)?,
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable {name:?} is not set and has no default"
+                    ))
+                }
+            }
+            rest = &after_open[end + 1..];
+        }
+        self.append(&mut expanded, rest)?;
+        Ok(expanded)
+    }
+
+    fn append(&mut self, expanded: &mut String, text: &str) -> Result<(), String> {
+        if expanded.len() + text.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "the value is longer than {MAX_LINE_BYTES} bytes after ${{VAR}} expansion"
+            ));
+        }
+        self.expanded_bytes += text.len() as u64;
+        if self.expanded_bytes > MAX_FILE_BYTES {
+            return Err(format!(
+                "the values are longer than {MAX_FILE_BYTES} bytes in all after ${{VAR}} expansion"
+            ));
+        }
+        expanded.push_str(text);
+        Ok(())
+    }
 }
 
 fn is_variable_name(name: &str) -> bool {
@@ -516,6 +643,13 @@ fn build_upstream(
                 }
                 upstream = Some(build_upstream_header(section)?);
             }
+            SectionKind::Node if nodes.len() == MAX_SERVERS => {
+                return Err(FluentBitError::at(
+                    &section.file,
+                    section.line,
+                    format!("more than {MAX_SERVERS} nodes"),
+                ));
+            }
             SectionKind::Node => nodes.push(build_node(section)?),
         }
     }
@@ -529,7 +663,7 @@ fn build_upstream(
         return Err(FluentBitError::at(
             &upstream.file,
             upstream.line,
-            format!("upstream {:?} has no node", upstream.name),
+            format!("upstream {} has no node", quoted(&upstream.name)),
         ));
     }
     Ok(UpstreamFile {
@@ -621,11 +755,14 @@ fn build_node(section: RawSection) -> Result<Node, FluentBitError> {
 
 fn parse_port(value: &str) -> Result<u16, String> {
     if !value.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(format!("port {value:?} is not an integer in 1-65535"));
+        return Err(format!(
+            "port {} is not an integer in 1-65535",
+            quoted(value)
+        ));
     }
     match value.parse::<u16>() {
         Ok(port) if port != 0 => Ok(port),
-        _ => Err(format!("port {value:?} is not in 1-65535")),
+        _ => Err(format!("port {} is not in 1-65535", quoted(value))),
     }
 }
 
@@ -634,7 +771,8 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
         _ => Err(format!(
-            "{key} {value:?} is not a boolean (on/off, true/false, yes/no)"
+            "{key} {} is not a boolean (on/off, true/false, yes/no)",
+            quoted(value)
         )),
     }
 }
@@ -773,7 +911,7 @@ fn read_yaml_document(text: &str, file: &Path) -> Result<YamlNode, FluentBitErro
 fn yaml_sections(
     root: YamlNode,
     file: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &mut Environment<'_>,
 ) -> Result<Vec<RawSection>, FluentBitError> {
     let at = |line: usize, message: String| FluentBitError::at(file, line, message);
     let YamlValue::Mapping(top_level) = root.value else {
@@ -788,7 +926,10 @@ fn yaml_sections(
         if key_name != "upstream_servers" {
             return Err(at(
                 key.line,
-                format!("unknown top-level key {key_name:?} (expected \"upstream_servers\")"),
+                format!(
+                    "unknown top-level key {} (expected \"upstream_servers\")",
+                    quoted(&key_name)
+                ),
             ));
         }
         if servers.is_some() {
@@ -842,13 +983,14 @@ fn yaml_sections(
                 };
                 let sections = items
                     .into_iter()
-                    .map(|item| yaml_node_section(item, file, env))
+                    .map(|item| yaml_node_section(item, file, &mut *env))
                     .collect::<Result<Vec<_>, _>>()?;
                 nodes = Some(sections);
             }
             _ => {
                 let message = format!(
-                    "unknown key {key_name:?} in the upstream (it takes \"name\" and \"nodes\")"
+                    "unknown key {} in the upstream (it takes \"name\" and \"nodes\")",
+                    quoted(&key_name)
                 );
                 return Err(at(key.line, message));
             }
@@ -862,7 +1004,7 @@ fn yaml_sections(
 fn yaml_node_section(
     item: YamlNode,
     file: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &mut Environment<'_>,
 ) -> Result<RawSection, FluentBitError> {
     let YamlValue::Mapping(fields) = item.value else {
         return Err(FluentBitError::at(
@@ -1670,8 +1812,9 @@ upstream_servers:
         let error = yaml_err(&nested);
         assert_eq!(error.line, Some(1));
         assert!(error.message.contains("nested too deeply"), "{error}");
-        // Far deeper input is stopped by the YAML parser itself.
-        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        // Far deeper input is stopped by the YAML parser itself (on many
+        // lines: a line longer than MAX_LINE_BYTES is stopped before that).
+        let deep = format!("{}{}", "[\n".repeat(100_000), "]\n".repeat(100_000));
         assert!(yaml_err(&deep).message.starts_with("invalid YAML"));
     }
 

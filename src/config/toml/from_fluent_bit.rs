@@ -28,7 +28,7 @@ impl Source<'_> {
                 // The file itself is missing: point at the key that names it.
                 self.error(
                     Some(span.clone()),
-                    format!("upstream {upstream:?}: key `from_fluent_bit`: {err}"),
+                    format!("upstream {upstream}: key `from_fluent_bit`: {err}"),
                 )
             } else {
                 config_error(err)
@@ -45,7 +45,7 @@ impl Source<'_> {
     fn group_tls(&self, upstream: &str, tls: &RawClientTls) -> Result<GroupTls, ConfigError> {
         if let Some(name) = &tls.server_name {
             parse_server_name(name.get_ref())
-                .map_err(|err| self.error_at(name, format!("upstream {upstream:?}: TLS: {err}")))?;
+                .map_err(|err| self.error_at(name, format!("upstream {upstream}: TLS: {err}")))?;
         }
         let mut lines = FileLines::default();
         let mut file = |path: &Option<Spanned<PathBuf>>, kind: PemKind| {

@@ -2,6 +2,7 @@
 //! values that later checks talk about keep their source span.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::Address;
+use crate::config::limits::MAX_DURATION;
+use crate::config::{quoted, Address};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,17 +197,67 @@ pub enum HashKey {
     ClientAddr,
 }
 
-/// A duration written with a unit, such as `"500ms"` or `"10m"`.
+/// A duration: a string with a unit, such as `"500ms"` or `"10m"`; or, as
+/// nginx reads a time without a unit, a number of seconds (`10`, `"10"`).
+/// At most [`MAX_DURATION`], so that no deadline can overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DurationValue(pub Duration);
+pub(in crate::config) struct DurationValue(pub Duration);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map(DurationValue)
-            .map_err(|err| de::Error::custom(format!("invalid duration {text:?}: {err}")))
+        deserializer.deserialize_any(DurationVisitor)
     }
+}
+
+struct DurationVisitor;
+
+impl de::Visitor<'_> for DurationVisitor {
+    type Value = DurationValue;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a duration like \"10s\" or \"500ms\", or a number of seconds")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<DurationValue, E> {
+        let parsed = if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+            text.parse::<u64>()
+                .map(Duration::from_secs)
+                .map_err(|err| err.to_string())
+        } else {
+            humantime::parse_duration(text).map_err(|err| err.to_string())
+        };
+        let duration = parsed.map_err(|err| {
+            E::custom(format!(
+                "invalid duration {}: {err}; write a duration like \"10s\" or \"500ms\"",
+                quoted(text)
+            ))
+        })?;
+        bounded(duration, || quoted(text))
+    }
+
+    fn visit_i64<E: de::Error>(self, seconds: i64) -> Result<DurationValue, E> {
+        let seconds = u64::try_from(seconds)
+            .map_err(|_| E::custom(format!("invalid duration {seconds}: it is negative")))?;
+        self.visit_u64(seconds)
+    }
+
+    fn visit_u64<E: de::Error>(self, seconds: u64) -> Result<DurationValue, E> {
+        bounded(Duration::from_secs(seconds), || seconds.to_string())
+    }
+}
+
+fn bounded<E: de::Error>(
+    duration: Duration,
+    written: impl FnOnce() -> String,
+) -> Result<DurationValue, E> {
+    if duration > MAX_DURATION {
+        return Err(E::custom(format!(
+            "duration {} is longer than the longest allowed, {}d",
+            written(),
+            MAX_DURATION.as_secs() / (24 * 60 * 60)
+        )));
+    }
+    Ok(DurationValue(duration))
 }
 
 mod defaults {

@@ -10,21 +10,36 @@ use toml::Spanned;
 
 use super::raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 use super::Source;
+use crate::config::limits::{MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_SERVERS, MAX_WEIGHT};
 use crate::config::{
-    parse_server_name, Address, AdminConfig, Balance, ClientTlsSettings, Config, ConfigError,
-    FileLines, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig, ServerTlsSettings,
-    UpstreamConfig,
+    clip, parse_server_name, quoted, Address, AdminConfig, Balance, ClientTlsSettings, Config,
+    ConfigError, FileLines, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig,
+    ServerTlsSettings, Syntax, UpstreamConfig,
 };
 
 impl Source<'_> {
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let mut upstreams = BTreeMap::new();
+        let mut servers = 0;
         for (name, upstream) in raw.upstream {
             let validated = self.validate_upstream(&name, upstream)?;
+            servers += validated.servers.len();
+            if servers > MAX_SERVERS {
+                return Err(self.error_at(
+                    &name,
+                    format!("more than {MAX_SERVERS} servers in the configuration"),
+                ));
+            }
             upstreams.insert(name.into_inner(), validated);
         }
         if raw.listener.is_empty() {
             return Err(self.error(None, "no [[listener]] is configured".to_owned()));
+        }
+        if let Some(listener) = raw.listener.get(MAX_LISTENERS) {
+            return Err(self.error_at(
+                &listener.name,
+                format!("more than {MAX_LISTENERS} listeners in the configuration"),
+            ));
         }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -34,15 +49,16 @@ impl Source<'_> {
             if !names.insert(listener.name.0.clone()) {
                 return Err(self.error(
                     Some(listener.name.1),
-                    format!("duplicate listener name {:?}", listener.name.0),
+                    format!("duplicate listener name {}", quoted(&listener.name.0)),
                 ));
             }
             if !binds.insert(listener.config.bind.clone()) {
                 return Err(self.error(
                     Some(listener.bind_span),
                     format!(
-                        "listener {:?}: bind address {} is used by another listener",
-                        listener.name.0, listener.config.bind
+                        "listener {}: bind address {} is used by another listener",
+                        quoted(&listener.name.0),
+                        listener.config.bind
                     ),
                 ));
             }
@@ -80,19 +96,20 @@ impl Source<'_> {
         if name.is_empty() {
             return Err(self.error_at(&raw.name, "listener name is empty".to_owned()));
         }
+        let shown = quoted(&name);
         if !upstreams.contains_key(raw.upstream.get_ref()) {
             return Err(self.error_at(
                 &raw.upstream,
                 format!(
-                    "listener {name:?}: key `upstream` names unknown upstream {:?}",
-                    raw.upstream.get_ref()
+                    "listener {shown}: key `upstream` names unknown upstream {}",
+                    quoted(raw.upstream.get_ref())
                 ),
             ));
         }
         if raw.connect_timeout.get_ref().0.is_zero() {
             return Err(self.error_at(
                 &raw.connect_timeout,
-                format!("listener {name:?}: key `connect_timeout` must be greater than 0"),
+                format!("listener {shown}: key `connect_timeout` must be greater than 0"),
             ));
         }
         let bind_span = raw.bind.span();
@@ -101,7 +118,7 @@ impl Source<'_> {
             Some(mode) if !matches!(bind, Address::Unix(_)) => {
                 return Err(self.error_at(
                     &mode,
-                    format!("listener {name:?}: key `unix_mode` applies only to unix: listeners"),
+                    format!("listener {shown}: key `unix_mode` applies only to unix: listeners"),
                 ))
             }
             Some(mode) => match u32::from_str_radix(mode.get_ref(), 8) {
@@ -110,8 +127,8 @@ impl Source<'_> {
                     return Err(self.error_at(
                         &mode,
                         format!(
-                            "listener {name:?}: key `unix_mode` {:?} is not an octal mode such as \"0660\"",
-                            mode.get_ref()
+                            "listener {shown}: key `unix_mode` {} is not an octal mode such as \"0660\"",
+                            quoted(mode.get_ref())
                         ),
                     ))
                 }
@@ -153,7 +170,8 @@ impl Source<'_> {
         name: &Spanned<String>,
         raw: RawUpstream,
     ) -> Result<UpstreamConfig, ConfigError> {
-        let upstream = name.get_ref();
+        // The name as errors quote it.
+        let upstream = &quoted(name.get_ref());
         let balance = match (raw.balance.get_ref(), raw.hash_key) {
             (Balance::Hash(_), Some(key)) => Balance::Hash(key.into_inner()),
             (balance, None) => balance.clone(),
@@ -161,7 +179,7 @@ impl Source<'_> {
                 return Err(self.error_at(
                     &key,
                     format!(
-                        "upstream {upstream:?}: key `hash_key` applies only to balance = \"hash\""
+                        "upstream {upstream}: key `hash_key` applies only to balance = \"hash\""
                     ),
                 ))
             }
@@ -169,7 +187,10 @@ impl Source<'_> {
         if raw.server.is_empty() && raw.from_fluent_bit.is_none() {
             return Err(self.error_at(
                 name,
-                format!("upstream {upstream:?} has no [[upstream.{upstream}.server]] and no `from_fluent_bit`"),
+                format!(
+                    "upstream {upstream} has no [[upstream.{}.server]] and no `from_fluent_bit`",
+                    clip(name.get_ref())
+                ),
             ));
         }
         let group_tls = raw.tls.as_ref();
@@ -189,10 +210,10 @@ impl Source<'_> {
             if !labels.insert(server.label()) {
                 let message = match &server.name {
                     Some(name) => format!(
-                        "upstream {upstream:?}: server name {name:?} is already used by another server of this upstream"
+                        "upstream {upstream}: server name {} is already used by another server of this upstream", quoted(name)
                     ),
                     None => format!(
-                        "upstream {upstream:?}: server {} has no `name` and another server of this upstream has the same label (its address); give them distinct `name`s, or their metrics would merge",
+                        "upstream {upstream}: server {} has no `name` and another server of this upstream has the same label (its address); give them distinct `name`s, or their metrics would merge",
                         server.address
                     ),
                 };
@@ -209,7 +230,7 @@ impl Source<'_> {
                 .map_err(|_| {
                     self.error_at(
                         entry,
-                        format!("upstream {upstream:?}: key `resolver`: {text:?} is not IP, IP:PORT or [IPv6]:PORT"),
+                        format!("upstream {upstream}: key `resolver`: {} is not IP, IP:PORT or [IPv6]:PORT", quoted(text)),
                     )
                 })?;
             resolver.push(addr);
@@ -218,8 +239,19 @@ impl Source<'_> {
             .health_check
             .map(|check| self.validate_health_check(upstream, check))
             .transpose()?;
+        if matches!(balance, Balance::Hash(_)) {
+            let total_weight: u64 = servers.iter().map(|server| u64::from(server.weight)).sum();
+            if total_weight > MAX_HASH_TOTAL_WEIGHT {
+                return Err(self.error_at(
+                    name,
+                    format!(
+                        "upstream {upstream}: the weights of its servers add up to {total_weight}; balance = \"hash\" allows at most {MAX_HASH_TOTAL_WEIGHT}"
+                    ),
+                ));
+            }
+        }
         Ok(UpstreamConfig {
-            name: upstream.clone(),
+            name: name.get_ref().clone(),
             balance,
             servers,
             health_check,
@@ -236,9 +268,7 @@ impl Source<'_> {
             if value.get_ref().0.is_zero() {
                 return Err(self.error_at(
                     value,
-                    format!(
-                        "upstream {upstream:?}: health_check key `{key}` must be greater than 0"
-                    ),
+                    format!("upstream {upstream}: health_check key `{key}` must be greater than 0"),
                 ));
             }
         }
@@ -246,7 +276,7 @@ impl Source<'_> {
             if *value.get_ref() == 0 {
                 return Err(self.error_at(
                     value,
-                    format!("upstream {upstream:?}: health_check key `{key}` must be at least 1"),
+                    format!("upstream {upstream}: health_check key `{key}` must be at least 1"),
                 ));
             }
         }
@@ -254,7 +284,7 @@ impl Source<'_> {
             if expect.get_ref().is_empty() {
                 return Err(self.error_at(
                     expect,
-                    format!("upstream {upstream:?}: health_check key `expect` is empty"),
+                    format!("upstream {upstream}: health_check key `expect` is empty"),
                 ));
             }
         }
@@ -278,14 +308,20 @@ impl Source<'_> {
         if *raw.weight.get_ref() == 0 {
             return Err(self.error_at(
                 &raw.weight,
-                format!("upstream {upstream:?}: key `weight` must be at least 1"),
+                format!("upstream {upstream}: key `weight` must be at least 1"),
+            ));
+        }
+        if *raw.weight.get_ref() > MAX_WEIGHT {
+            return Err(self.error_at(
+                &raw.weight,
+                format!("upstream {upstream}: key `weight` must be at most {MAX_WEIGHT}"),
             ));
         }
         if *raw.backup.get_ref() && !balance.allows_backup() {
             return Err(self.error_at(
                 &raw.backup,
                 format!(
-                    "upstream {upstream:?}: key `backup` is not allowed with balance = \"{}\"",
+                    "upstream {upstream}: key `backup` is not allowed with balance = \"{}\"",
                     balance.name()
                 ),
             ));
@@ -294,7 +330,7 @@ impl Source<'_> {
             return Err(self.error_at(
                 &raw.slow_start,
                 format!(
-                    "upstream {upstream:?}: key `slow_start` is not allowed with balance = \"{}\"",
+                    "upstream {upstream}: key `slow_start` is not allowed with balance = \"{}\"",
                     balance.name()
                 ),
             ));
@@ -302,25 +338,26 @@ impl Source<'_> {
         if *raw.resolve.get_ref() && matches!(raw.address.get_ref(), Address::Unix(_)) {
             return Err(self.error_at(
                 &raw.resolve,
-                format!("upstream {upstream:?}: key `resolve` needs a HOST:PORT address"),
+                format!("upstream {upstream}: key `resolve` needs a HOST:PORT address"),
             ));
         }
         if raw.resolve_interval.get_ref().0.is_zero() {
             return Err(self.error_at(
                 &raw.resolve_interval,
-                format!("upstream {upstream:?}: key `resolve_interval` must be greater than 0"),
+                format!("upstream {upstream}: key `resolve_interval` must be greater than 0"),
             ));
         }
         if let Some(name) = &raw.name {
             if name.get_ref().is_empty() {
                 return Err(
-                    self.error_at(name, format!("upstream {upstream:?}: server name is empty"))
+                    self.error_at(name, format!("upstream {upstream}: server name is empty"))
                 );
             }
         }
         let (tls, tls_lines) =
             self.server_tls(upstream, raw.address.get_ref(), group_tls, raw.tls)?;
         Ok(ServerConfig {
+            syntax: Syntax::Toml,
             address_line: self.key_line(raw.address.span()),
             address: raw.address.into_inner(),
             tls,
@@ -362,7 +399,7 @@ impl Source<'_> {
             parse_server_name(name.get_ref()).map_err(|err| {
                 self.error_at(
                     name,
-                    format!("upstream {upstream:?}: server {address}: TLS: {err}"),
+                    format!("upstream {upstream}: server {address}: TLS: {err}"),
                 )
             })?;
         }
@@ -391,7 +428,7 @@ impl Source<'_> {
         match problem {
             Some(problem) => Err(self.error(
                 Some(span),
-                format!("upstream {upstream:?}: server {address}: {problem}"),
+                format!("upstream {upstream}: server {address}: {problem}"),
             )),
             None => Ok((Some(settings), lines)),
         }
