@@ -4,7 +4,7 @@
 //! byte, and nothing here is a lock on the data path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use metrics::{Counter, Gauge, Histogram};
@@ -23,7 +23,18 @@ pub struct PeerStats {
     received: AtomicU64,
     /// Written only when an attempt fails, read by `/status`.
     last_failure: Mutex<Option<LastFailure>>,
+    /// Written by the admin endpoint, which samples each peer's state.
+    state: Mutex<StateSince>,
     metrics: PeerMetrics,
+}
+
+/// The state a peer was last seen in (as `/status` names it) and since when.
+#[derive(Debug)]
+struct StateSince {
+    /// `None` until first seen: the peer is taken to have been in its first
+    /// seen state since it was built.
+    state: Option<&'static str>,
+    since: SystemTime,
 }
 
 /// The most recent failed attempt on a peer.
@@ -79,8 +90,24 @@ impl PeerStats {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            state: Mutex::new(StateSince {
+                state: None,
+                since: SystemTime::now(),
+            }),
             metrics,
         }
+    }
+
+    /// Records that the peer is in `state` now; returns since when it has
+    /// been, as far as the samples tell (a change counts from the first
+    /// sample that saw it).
+    pub fn note_state(&self, state: &'static str, now: SystemTime) -> SystemTime {
+        let mut seen = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.state.is_some_and(|before| before != state) {
+            seen.since = now;
+        }
+        seen.state = Some(state);
+        seen.since
     }
 
     /// An attempt connected after `took`: one more relayed connection.
@@ -151,19 +178,50 @@ impl PeerStats {
     }
 }
 
-/// A listener's series in the recorder, looked up once per accept loop.
+/// A listener's counts for `/status`, shared by its accept loops on every
+/// worker and kept across reloads while the listener keeps its name.
+#[derive(Debug, Default)]
+pub struct ListenerCounts {
+    accepted: AtomicU64,
+    active: AtomicU64,
+}
+
+impl ListenerCounts {
+    /// (accepted, active).
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.active.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One running listener as `/status` reports it.
+#[derive(Debug, Clone)]
+pub struct ListenerReport {
+    pub name: String,
+    /// The address bound (the port chosen when the configuration gave 0).
+    pub address: String,
+    pub upstream: String,
+    pub counts: Arc<ListenerCounts>,
+}
+
+/// A listener's series in the recorder, looked up once per accept loop, and
+/// its shared counts.
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
     total: Counter,
     active: Gauge,
+    counts: Arc<ListenerCounts>,
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> ListenerMetrics {
+    pub fn new(listener: &str, counts: Arc<ListenerCounts>) -> ListenerMetrics {
         let labels = [("listener", listener.to_owned())];
         ListenerMetrics {
             total: metrics::counter!(names::LISTENER_CONNECTIONS_TOTAL, &labels),
             active: metrics::gauge!(names::LISTENER_CONNECTIONS_ACTIVE, &labels),
+            counts,
         }
     }
 
@@ -171,16 +229,20 @@ impl ListenerMetrics {
     pub fn accepted(&self) -> ActiveClient {
         self.total.increment(1);
         self.active.increment(1.0);
-        ActiveClient(self.active.clone())
+        self.counts.accepted.fetch_add(1, Ordering::Relaxed);
+        self.counts.active.fetch_add(1, Ordering::Relaxed);
+        ActiveClient(self.active.clone(), Arc::clone(&self.counts))
     }
 }
 
-/// Keeps one client counted in `sluice_listener_connections_active`.
-pub struct ActiveClient(Gauge);
+/// Keeps one client counted in `sluice_listener_connections_active` and
+/// the listener's active count.
+pub struct ActiveClient(Gauge, Arc<ListenerCounts>);
 
 impl Drop for ActiveClient {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+        self.1.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -216,5 +278,32 @@ mod tests {
         let last = snapshot.last_failure.unwrap();
         assert_eq!(last.reason, "connection refused");
         assert!(last.at <= SystemTime::now());
+    }
+
+    #[test]
+    fn state_since_moves_only_when_the_state_changes() {
+        let stats = PeerStats::new("pool", "a");
+        let start = SystemTime::now();
+        let built = stats.note_state("up", start);
+        assert!(built <= start, "the first state counts from the build");
+        assert_eq!(stats.note_state("up", start + Duration::from_secs(5)), built);
+        let failed = start + Duration::from_secs(7);
+        assert_eq!(stats.note_state("failed", failed), failed);
+        assert_eq!(stats.note_state("failed", failed + Duration::from_secs(3)), failed);
+        let back = failed + Duration::from_secs(4);
+        assert_eq!(stats.note_state("up", back), back);
+    }
+
+    #[test]
+    fn listener_counts_follow_accepts_and_closes() {
+        let counts = Arc::new(ListenerCounts::default());
+        let metrics = ListenerMetrics::new("front", Arc::clone(&counts));
+        let first = metrics.accepted();
+        let second = metrics.clone().accepted();
+        assert_eq!(counts.snapshot(), (2, 2));
+        drop(first);
+        assert_eq!(counts.snapshot(), (2, 1));
+        drop(second);
+        assert_eq!(counts.snapshot(), (2, 0));
     }
 }

@@ -17,7 +17,7 @@ use tracing::warn;
 use super::stream::Stream;
 use super::{serve_connection, ClientAddr, ListenerContext};
 use crate::config::Address;
-use crate::stats::ListenerMetrics;
+use crate::stats::{ListenerCounts, ListenerMetrics};
 
 /// A listener that could not be bound: a start-up failure (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -211,16 +211,17 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Worker `worker`'s share of a listener: accepts clients until `stop`
 /// fires, serving each in a task on this worker's runtime, tracked by
-/// `connections`.
+/// `connections`, counted in `counts`.
 pub async fn accept_loop(
     socket: Arc<BoundSocket>,
     worker: usize,
     context: Arc<ArcSwap<ListenerContext>>,
     stop: CancellationToken,
     connections: TaskTracker,
+    counts: Arc<ListenerCounts>,
 ) {
     let name = context.load().config.name.clone();
-    let metrics = ListenerMetrics::new(&name);
+    let metrics = ListenerMetrics::new(&name, counts);
     let mut backoff = FIRST_ACCEPT_BACKOFF;
     // Clients the kernel queues on this worker's socket wait until it
     // accepts, so a failure here is retried, never given up.
