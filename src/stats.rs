@@ -286,10 +286,16 @@ mod tests {
         let start = SystemTime::now();
         let built = stats.note_state("up", start);
         assert!(built <= start, "the first state counts from the build");
-        assert_eq!(stats.note_state("up", start + Duration::from_secs(5)), built);
+        assert_eq!(
+            stats.note_state("up", start + Duration::from_secs(5)),
+            built
+        );
         let failed = start + Duration::from_secs(7);
         assert_eq!(stats.note_state("failed", failed), failed);
-        assert_eq!(stats.note_state("failed", failed + Duration::from_secs(3)), failed);
+        assert_eq!(
+            stats.note_state("failed", failed + Duration::from_secs(3)),
+            failed
+        );
         let back = failed + Duration::from_secs(4);
         assert_eq!(stats.note_state("up", back), back);
     }

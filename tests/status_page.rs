@@ -329,7 +329,10 @@ async fn request(admin: &str, head: &str, body: &str) -> (u16, String) {
     stream.read_to_end(&mut response).await.unwrap();
     let response = String::from_utf8(response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_owned())
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
 }
 
 async fn status(admin: &str) -> Value {
@@ -607,10 +610,12 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
     // The one error logged since is the refused request itself.
     let errors = browser.errors();
     assert!(
-        errors.iter().all(|error| error["params"]["entry"]["source"] == "network"
-            && error["params"]["entry"]["url"]
-                .as_str()
-                .is_some_and(|url| url.ends_with(path))),
+        errors
+            .iter()
+            .all(|error| error["params"]["entry"]["source"] == "network"
+                && error["params"]["entry"]["url"]
+                    .as_str()
+                    .is_some_and(|url| url.ends_with(path))),
         "{errors:#?}"
     );
 
@@ -628,7 +633,12 @@ async fn the_page_stays_readable_at_a_thousand_servers() {
     let (listen, admin) = (free_addr(), free_addr());
     // Nothing connects to them: no client is sent.
     let servers: Vec<String> = (0..1000)
-        .map(|i| server(format!("127.0.0.1:{}", 20000 + i), &format!("name = \"server-{i:04}\"")))
+        .map(|i| {
+            server(
+                format!("127.0.0.1:{}", 20000 + i),
+                &format!("name = \"server-{i:04}\""),
+            )
+        })
         .collect();
     let mut text = config(&listen, "", "", &servers);
     text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
@@ -732,7 +742,10 @@ async fn status_lists_listeners_and_state_ages() {
         let (head, body) = response.split_once("\r\n\r\n").unwrap();
         let head = head.to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert!(head.contains("content-type: text/html; charset=utf-8"), "{head}");
+        assert!(
+            head.contains("content-type: text/html; charset=utf-8"),
+            "{head}"
+        );
         assert!(
             head.contains("content-security-policy: default-src 'none'; script-src 'sha256-"),
             "{head}"
@@ -751,7 +764,9 @@ async fn status_lists_listeners_and_state_ages() {
         status["listeners"],
         json!([{"name": "front", "address": listen, "upstream": "pool", "accepted": 1, "active": 1}])
     );
-    let dead_since = peer(&status, "dead")["state_since_seconds"].as_u64().unwrap();
+    let dead_since = peer(&status, "dead")["state_since_seconds"]
+        .as_u64()
+        .unwrap();
     // The state is sampled every second: the change is at most that old.
     assert!(dead_since <= 2, "{status:#}");
     // The live server has been up since start; its age grows while the
@@ -762,8 +777,12 @@ async fn status_lists_listeners_and_state_ages() {
     .await;
     assert_eq!(peer(&later, "dead")["state"], "failed");
     assert!(
-        peer(&later, "live")["state_since_seconds"].as_u64().unwrap()
-            >= peer(&later, "dead")["state_since_seconds"].as_u64().unwrap(),
+        peer(&later, "live")["state_since_seconds"]
+            .as_u64()
+            .unwrap()
+            >= peer(&later, "dead")["state_since_seconds"]
+                .as_u64()
+                .unwrap(),
         "{later:#}"
     );
 

@@ -65,10 +65,9 @@ mod tests {
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let word = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |word, (i, &byte)| word | u32::from(byte) << (16 - 8 * i));
+            let word = chunk.iter().enumerate().fold(0u32, |word, (i, &byte)| {
+                word | u32::from(byte) << (16 - 8 * i)
+            });
             for i in 0..4 {
                 if i <= chunk.len() {
                     out.push(char::from(ALPHABET[(word >> (18 - 6 * i) & 63) as usize]));
@@ -111,7 +110,9 @@ mod tests {
     #[test]
     fn the_page_loads_nothing_from_elsewhere() {
         // The SVG namespace is a name, never fetched.
-        for external in ["http://", "https://", "\"//", "'//", "src=", "@import", "url("] {
+        for external in [
+            "http://", "https://", "\"//", "'//", "src=", "@import", "url(",
+        ] {
             let found: Vec<&str> = PAGE
                 .lines()
                 .filter(|line| line.contains(external))
@@ -123,7 +124,13 @@ mod tests {
 
     #[test]
     fn the_page_never_parses_data_as_html() {
-        for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
             assert!(!PAGE.contains(sink), "the page uses {sink}");
         }
     }
