@@ -317,6 +317,16 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
+/// Two addresses free a moment ago, never the same one twice.
+fn listen_and_admin() -> (String, String) {
+    let listen = free_addr();
+    let admin = std::iter::repeat_with(free_addr)
+        .take(100)
+        .find(|admin| *admin != listen)
+        .expect("a second free port");
+    (listen, admin)
+}
+
 /// Sends one request to the admin endpoint; returns (status, body).
 async fn request(admin: &str, head: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(admin).await.unwrap();
@@ -443,7 +453,7 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
     let markup = Backend::tcp("markup", Behavior::Echo).await;
     let (spare, _spare_socket) = refusing_addr();
     let (reserve, _reserve_socket) = refusing_addr();
-    let (listen, admin) = (free_addr(), free_addr());
+    let (listen, admin) = listen_and_admin();
     let failing = "fail_timeout = \"120s\"";
     let mut text = config(
         &listen,
@@ -630,7 +640,11 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
 /// the DOM whatever the count, and scrolling and the filter reach any server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_stays_readable_at_a_thousand_servers() {
-    let (listen, admin) = (free_addr(), free_addr());
+    // A UNIX listener: start-up takes a while with 1,000 servers, time
+    // enough for a parallel test's connection to take a free port.
+    let socket_dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", socket_dir.path().join("front.sock").display());
+    let admin = free_addr();
     // Nothing connects to them: no client is sent.
     let servers: Vec<String> = (0..1000)
         .map(|i| {
@@ -720,7 +734,7 @@ async fn the_page_stays_readable_at_a_thousand_servers() {
 async fn status_lists_listeners_and_state_ages() {
     let backend = Backend::tcp("b", Behavior::Echo).await;
     let (dead, _dead_socket) = refusing_addr();
-    let (listen, admin) = (free_addr(), free_addr());
+    let (listen, admin) = listen_and_admin();
     let mut text = config(
         &listen,
         "",
