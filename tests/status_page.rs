@@ -327,6 +327,41 @@ fn listen_and_admin() -> (String, String) {
     (listen, admin)
 }
 
+/// Starts sluice with one listener `front` (on `unix_listen`, else a free
+/// TCP port) in front of `servers`, and the admin endpoint on a free port;
+/// returns it with the two addresses. The machine is shared: when another
+/// process takes a port between the moment it was free and sluice's bind,
+/// this tries fresh ports, at most 5 times.
+async fn start_with_admin(
+    unix_listen: Option<&str>,
+    servers: &[String],
+) -> (Sluice, String, String) {
+    for _ in 0..5 {
+        let (tcp_listen, admin) = listen_and_admin();
+        let listen = unix_listen.map_or(tcp_listen, str::to_owned);
+        let mut text = config(&listen, "", "", servers);
+        text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
+        let sluice = Sluice::spawn(&text, &[]);
+        let settled = wait_until(Duration::from_secs(20), || {
+            sluice
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("cannot start") || line.contains("listening"))
+        })
+        .await;
+        let log = sluice.log_text();
+        assert!(settled, "sluice did not start; log:\n{log}");
+        if !log.contains("cannot start") {
+            return (sluice, listen, admin);
+        }
+        assert!(
+            log.contains("Address already in use"),
+            "sluice did not start; log:\n{log}"
+        );
+    }
+    panic!("5 tries to start sluice, each on a port another process took");
+}
+
 /// Sends one request to the admin endpoint; returns (status, body).
 async fn request(admin: &str, head: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(admin).await.unwrap();
@@ -453,12 +488,9 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
     let markup = Backend::tcp("markup", Behavior::Echo).await;
     let (spare, _spare_socket) = refusing_addr();
     let (reserve, _reserve_socket) = refusing_addr();
-    let (listen, admin) = listen_and_admin();
     let failing = "fail_timeout = \"120s\"";
-    let mut text = config(
-        &listen,
-        "",
-        "",
+    let (sluice, listen, admin) = start_with_admin(
+        None,
         &[
             server(alpha.addr, &format!("name = \"alpha\"\n{failing}")),
             server(beta.addr, &format!("name = \"beta\"\n{failing}")),
@@ -466,9 +498,8 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
             server(&spare, "name = \"spare\"\ndown = true"),
             server(&reserve, "name = \"reserve\"\nbackup = true"),
         ],
-    );
-    text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
-    let sluice = Sluice::start(&text).await;
+    )
+    .await;
 
     // Round-robin over three equal servers: six clients, two each. The first
     // three stay open (one per server, each picked before the next client
@@ -660,7 +691,6 @@ async fn the_page_stays_readable_at_a_thousand_servers() {
     // enough for a parallel test's connection to take a free port.
     let socket_dir = tempfile::tempdir().unwrap();
     let listen = format!("unix:{}", socket_dir.path().join("front.sock").display());
-    let admin = free_addr();
     // Nothing connects to them: no client is sent.
     let servers: Vec<String> = (0..1000)
         .map(|i| {
@@ -670,9 +700,7 @@ async fn the_page_stays_readable_at_a_thousand_servers() {
             )
         })
         .collect();
-    let mut text = config(&listen, "", "", &servers);
-    text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
-    let _sluice = Sluice::start(&text).await;
+    let (_sluice, _, admin) = start_with_admin(Some(&listen), &servers).await;
 
     let mut took = Vec::new();
     let mut size = 0;
@@ -750,18 +778,14 @@ async fn the_page_stays_readable_at_a_thousand_servers() {
 async fn status_lists_listeners_and_state_ages() {
     let backend = Backend::tcp("b", Behavior::Echo).await;
     let (dead, _dead_socket) = refusing_addr();
-    let (listen, admin) = listen_and_admin();
-    let mut text = config(
-        &listen,
-        "",
-        "",
+    let (sluice, listen, admin) = start_with_admin(
+        None,
         &[
             server(&dead, "name = \"dead\"\nfail_timeout = \"120s\""),
             server(backend.addr, "name = \"live\""),
         ],
-    );
-    text.push_str(&format!("\n[admin]\nbind = \"{admin}\"\n"));
-    let sluice = Sluice::start(&text).await;
+    )
+    .await;
 
     for path in ["/", "/ui"] {
         let mut stream = TcpStream::connect(&admin).await.unwrap();
@@ -823,6 +847,7 @@ async fn status_lists_listeners_and_state_ages() {
     })
     .await;
     // A reload keeps the listener, and so its counts.
+    let text = std::fs::read_to_string(&sluice.config_path).unwrap();
     std::fs::write(&sluice.config_path, text.replace("\"5s\"", "\"6s\"")).unwrap();
     sluice.signal(Signal::SIGHUP);
     assert!(
