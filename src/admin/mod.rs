@@ -1,12 +1,15 @@
-//! The admin HTTP endpoint (SPEC §5): `/metrics`, `/healthz`, `/readyz` and
-//! `/status` on one small hyper server, on TCP or a UNIX socket.
+//! The admin HTTP endpoint (SPEC §5): `/metrics`, `/healthz`, `/readyz`,
+//! `/status` and the status page (SPEC §12) on one small hyper server, on
+//! TCP or a UNIX socket.
+
+mod status_page;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http_body_util::Full;
@@ -22,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::PeerState;
 use crate::config::Address;
-use crate::net::listen::{bind, Acceptor, BoundSocket};
+use crate::net::listen::{bind, Acceptor, BoundSocket, ListenerReport};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// The admin address could not be bound: a start-up failure (exit status 2).
@@ -42,6 +45,7 @@ pub struct AdminState {
     draining: AtomicBool,
     metrics: PrometheusHandle,
     upstreams: ArcSwap<BTreeMap<String, SharedUpstream>>,
+    listeners: ArcSwap<Vec<ListenerReport>>,
 }
 
 impl AdminState {
@@ -54,6 +58,7 @@ impl AdminState {
             draining: AtomicBool::new(false),
             metrics,
             upstreams: ArcSwap::from_pointee(upstreams),
+            listeners: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -70,6 +75,11 @@ impl AdminState {
     /// Replaces the upstream groups reported on (after a reload).
     pub fn set_upstreams(&self, upstreams: BTreeMap<String, SharedUpstream>) {
         self.upstreams.store(Arc::new(upstreams));
+    }
+
+    /// Replaces the listeners reported on (after start-up and each reload).
+    pub fn set_listeners(&self, listeners: Vec<ListenerReport>) {
+        self.listeners.store(Arc::new(listeners));
     }
 
     fn ready(&self) -> bool {
@@ -93,6 +103,7 @@ impl AdminState {
                 );
                 response
             }
+            "/" | "/ui" => status_page::response(),
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" if self.draining.load(Ordering::SeqCst) => {
@@ -115,7 +126,7 @@ impl AdminState {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz or /status\n",
+                "not found; try / (the status page), /metrics, /healthz, /readyz or /status\n",
             ),
         }
     }
@@ -133,26 +144,71 @@ impl AdminState {
     }
 
     fn status(&self) -> Status {
+        let now = SystemTime::now();
         let upstreams = self
             .upstreams
             .load()
             .iter()
-            .map(|(name, shared)| (name.clone(), upstream_status(&shared.load())))
+            .map(|(name, shared)| (name.clone(), upstream_status(&shared.load(), now)))
+            .collect();
+        let listeners = self
+            .listeners
+            .load()
+            .iter()
+            .map(|listener| {
+                let (accepted, active) = listener.counts.snapshot();
+                ListenerStatus {
+                    name: listener.name.clone(),
+                    address: listener.address.clone(),
+                    upstream: listener.upstream.clone(),
+                    accepted,
+                    active,
+                }
+            })
             .collect();
         Status {
             ready: self.ready(),
             draining: self.draining.load(Ordering::SeqCst),
+            listeners,
             upstreams,
         }
     }
+
+    /// Notes every peer's state, so a change is dated within one
+    /// STATE_SAMPLE_INTERVAL even when nobody reads `/status` (a failure
+    /// window, for one, ends with time, not with an event).
+    fn sample_states(&self) {
+        let now = SystemTime::now();
+        for shared in self.upstreams.load().values() {
+            let group = shared.load();
+            for (index, peer) in group.peers.iter().enumerate() {
+                peer.stats.note_state(state_name(&group, index), now);
+            }
+        }
+    }
 }
+
+/// How often every peer's state is sampled for `state_since_seconds`.
+const STATE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `/status`.
 #[derive(Debug, Serialize)]
 struct Status {
     ready: bool,
     draining: bool,
+    listeners: Vec<ListenerStatus>,
     upstreams: BTreeMap<String, UpstreamStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListenerStatus {
+    name: String,
+    /// The address bound: the port chosen when the configuration gave 0.
+    address: String,
+    upstream: String,
+    /// Client connections accepted since the listener started.
+    accepted: u64,
+    active: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +225,9 @@ struct PeerStatus {
     address: String,
     /// `up`, `failed`, `down`, or `backup` for a backup peer that is up.
     state: &'static str,
+    /// Whole seconds since the peer entered `state` (sampled every second),
+    /// or since it was built if it has not changed state since.
+    state_since_seconds: u64,
     backup: bool,
     weight: u32,
     max_conns: u32,
@@ -182,19 +241,25 @@ struct PeerStatus {
     last_failure_time: Option<String>,
 }
 
-fn upstream_status(group: &Upstream) -> UpstreamStatus {
+/// Peer `index`'s state as `/status` names it.
+fn state_name(group: &Upstream, index: usize) -> &'static str {
+    match group.peer_state(index) {
+        PeerState::Down => "down",
+        PeerState::Failed => "failed",
+        PeerState::Up if group.peers[index].server.backup => "backup",
+        PeerState::Up => "up",
+    }
+}
+
+fn upstream_status(group: &Upstream, now: SystemTime) -> UpstreamStatus {
     let peers = group
         .peers
         .iter()
         .enumerate()
         .map(|(index, peer)| {
             let stats = peer.stats.snapshot();
-            let state = match group.peer_state(index) {
-                PeerState::Down => "down",
-                PeerState::Failed => "failed",
-                PeerState::Up if peer.server.backup => "backup",
-                PeerState::Up => "up",
-            };
+            let state = state_name(group, index);
+            let since = peer.stats.note_state(state, now);
             let (last_failure_reason, last_failure_time) = match stats.last_failure {
                 Some(last) => (
                     Some(last.reason),
@@ -206,6 +271,7 @@ fn upstream_status(group: &Upstream) -> UpstreamStatus {
                 name: peer.label.clone(),
                 address: peer.target.to_string(),
                 state,
+                state_since_seconds: now.duration_since(since).unwrap_or_default().as_secs(),
                 backup: peer.server.backup,
                 weight: peer.server.weight,
                 max_conns: peer.server.max_conns,
@@ -253,6 +319,14 @@ pub async fn serve(address: &Address, state: Arc<AdminState>) -> Result<(), Admi
         address: address.to_string(),
         source,
     })?;
+    let sampled = Arc::clone(&state);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(STATE_SAMPLE_INTERVAL);
+        loop {
+            interval.tick().await;
+            sampled.sample_states();
+        }
+    });
     tokio::spawn(accept_loop(socket, acceptor, state));
     Ok(())
 }

@@ -103,6 +103,7 @@ pub async fn run(
     }
     let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
     admin.set_upstreams(supervisor.upstreams());
+    admin.set_listeners(supervisor.listeners());
     admin.set_listening();
     // Started after the SIGHUP handler is installed: it signals this process.
     let config_watch = watch.map(config_watch::spawn);
@@ -155,6 +156,7 @@ async fn reload_from(
     match supervisor.reload(config).await {
         Ok(summary) => {
             admin.set_upstreams(supervisor.upstreams());
+            admin.set_listeners(supervisor.listeners());
             info!(changes = %summary, "configuration reloaded");
             if admin_moved {
                 warn!("the [admin] settings changed: they apply at the next start, not on reload");

@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError};
-use crate::net::listen::{accept_loop, bind, BindError, BoundSocket};
+use crate::net::listen::{
+    accept_loop, bind, BindError, BoundSocket, ListenerCounts, ListenerReport,
+};
 use crate::proxy::{serve_connection, ListenerContext};
 use crate::upstream::task::UpstreamTask;
 use crate::upstream::{self, SharedUpstream, Upstream};
@@ -29,6 +31,8 @@ struct RunningListener {
     context: Arc<ArcSwap<ListenerContext>>,
     /// Stops this listener's accept loop only; a child of the supervisor's.
     stop: CancellationToken,
+    /// For `/status`; kept while the listener keeps its name.
+    counts: Arc<ListenerCounts>,
 }
 
 /// An upstream group, the configuration it was built from, and the
@@ -320,6 +324,9 @@ impl Supervisor {
                     }
                 }
                 (ListenerPlan::Start(socket), old) => {
+                    let counts = old
+                        .as_ref()
+                        .map_or_else(Arc::default, |old| Arc::clone(&old.counts));
                     if let Some(old) = old {
                         // Moved to another address: the old accept loops stop.
                         old.stop.cancel();
@@ -328,7 +335,7 @@ impl Supervisor {
                     } else {
                         summary.listeners_added.push(listener.name.clone());
                     }
-                    self.spawn_listener(socket, context)
+                    self.spawn_listener(socket, context, counts)
                 }
                 // prepare() plans Keep only for running listeners.
                 (ListenerPlan::Keep, None) => continue,
@@ -351,6 +358,7 @@ impl Supervisor {
         &self,
         socket: Arc<BoundSocket>,
         context: ListenerContext,
+        counts: Arc<ListenerCounts>,
     ) -> RunningListener {
         let config = context.config.clone();
         let context = Arc::new(ArcSwap::from_pointee(context));
@@ -372,6 +380,7 @@ impl Supervisor {
                 server,
                 stop.clone(),
                 self.connections.clone(),
+                Arc::clone(&counts),
             )));
         }
         info!(listener = config.name.as_str(), address = %socket.local_addr(), upstream = config.upstream.as_str(), workers = self.workers.len(), "listening");
@@ -380,12 +389,28 @@ impl Supervisor {
             socket,
             context,
             stop,
+            counts,
         }
     }
 
     /// The configuration running now.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Every listener, in configuration order, as the admin endpoint reports them.
+    pub fn listeners(&self) -> Vec<ListenerReport> {
+        self.config
+            .listeners
+            .iter()
+            .filter_map(|listener| self.listeners.get(&listener.name))
+            .map(|running| ListenerReport {
+                name: running.config.name.clone(),
+                address: running.socket.local_addr(),
+                upstream: running.config.upstream.clone(),
+                counts: Arc::clone(&running.counts),
+            })
+            .collect()
     }
 
     /// Every upstream group by name, as the admin endpoint reports them.

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,12 +222,13 @@ pub async fn accept_loop<F, H, S>(
     server: F,
     stop: CancellationToken,
     connections: TaskTracker,
+    counts: Arc<ListenerCounts>,
 ) where
     F: Fn() -> H,
     H: FnOnce(Stream, ClientAddr) -> S + Send + 'static,
     S: Future<Output = ()> + Send,
 {
-    let metrics = ListenerMetrics::new(&name);
+    let metrics = ListenerMetrics::new(&name, counts);
     let mut backoff = FIRST_ACCEPT_BACKOFF;
     // Clients the kernel queues on this worker's socket wait until it
     // accepts, so a failure here is retried, never given up.
@@ -284,19 +286,50 @@ async fn backed_off(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     false
 }
 
-/// A listener's series in the recorder, looked up once per accept loop.
+/// A listener's counts for `/status`, shared by its accept loops on every
+/// worker and kept across reloads while the listener keeps its name.
+#[derive(Debug, Default)]
+pub struct ListenerCounts {
+    accepted: AtomicU64,
+    active: AtomicU64,
+}
+
+impl ListenerCounts {
+    /// (accepted, active).
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.active.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One running listener as `/status` reports it.
+#[derive(Debug, Clone)]
+pub struct ListenerReport {
+    pub name: String,
+    /// The address bound (the port chosen when the configuration gave 0).
+    pub address: String,
+    pub upstream: String,
+    pub counts: Arc<ListenerCounts>,
+}
+
+/// A listener's series in the recorder, looked up once per accept loop, and
+/// its shared counts.
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
     total: Counter,
     active: Gauge,
+    counts: Arc<ListenerCounts>,
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> ListenerMetrics {
+    pub fn new(listener: &str, counts: Arc<ListenerCounts>) -> ListenerMetrics {
         let labels = [("listener", listener.to_owned())];
         ListenerMetrics {
             total: metrics::counter!(names::LISTENER_CONNECTIONS_TOTAL, &labels),
             active: metrics::gauge!(names::LISTENER_CONNECTIONS_ACTIVE, &labels),
+            counts,
         }
     }
 
@@ -304,16 +337,20 @@ impl ListenerMetrics {
     pub fn accepted(&self) -> ActiveClient {
         self.total.increment(1);
         self.active.increment(1.0);
-        ActiveClient(self.active.clone())
+        self.counts.accepted.fetch_add(1, Ordering::Relaxed);
+        self.counts.active.fetch_add(1, Ordering::Relaxed);
+        ActiveClient(self.active.clone(), Arc::clone(&self.counts))
     }
 }
 
-/// Keeps one client counted in `sluice_listener_connections_active`.
-pub struct ActiveClient(Gauge);
+/// Keeps one client counted in `sluice_listener_connections_active` and
+/// the listener's active count.
+pub struct ActiveClient(Gauge, Arc<ListenerCounts>);
 
 impl Drop for ActiveClient {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+        self.1.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -358,5 +395,18 @@ mod tests {
             }
         }
         assert_eq!(accepted, clients.len());
+    }
+
+    #[test]
+    fn listener_counts_follow_accepts_and_closes() {
+        let counts = Arc::new(ListenerCounts::default());
+        let metrics = ListenerMetrics::new("front", Arc::clone(&counts));
+        let first = metrics.accepted();
+        let second = metrics.clone().accepted();
+        assert_eq!(counts.snapshot(), (2, 2));
+        drop(first);
+        assert_eq!(counts.snapshot(), (2, 1));
+        drop(second);
+        assert_eq!(counts.snapshot(), (2, 0));
     }
 }

@@ -23,7 +23,18 @@ pub struct PeerStats {
     received: AtomicU64,
     /// Written only when an attempt fails, read by `/status`.
     last_failure: Mutex<Option<LastFailure>>,
+    /// Written by the admin endpoint, which samples each peer's state.
+    state: Mutex<StateSince>,
     metrics: PeerMetrics,
+}
+
+/// The state a peer was last seen in (as `/status` names it) and since when.
+#[derive(Debug)]
+struct StateSince {
+    /// `None` until first seen: the peer is taken to have been in its first
+    /// seen state since it was built.
+    state: Option<&'static str>,
+    since: SystemTime,
 }
 
 /// The most recent failed attempt on a peer.
@@ -79,8 +90,24 @@ impl PeerStats {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            state: Mutex::new(StateSince {
+                state: None,
+                since: SystemTime::now(),
+            }),
             metrics,
         }
+    }
+
+    /// Records that the peer is in `state` now; returns since when it has
+    /// been, as far as the samples tell (a change counts from the first
+    /// sample that saw it).
+    pub fn note_state(&self, state: &'static str, now: SystemTime) -> SystemTime {
+        let mut seen = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.state.is_some_and(|before| before != state) {
+            seen.since = now;
+        }
+        seen.state = Some(state);
+        seen.since
     }
 
     /// An attempt connected after `took`: one more relayed connection.
@@ -183,5 +210,25 @@ mod tests {
         let last = snapshot.last_failure.unwrap();
         assert_eq!(last.reason, "connection refused");
         assert!(last.at <= SystemTime::now());
+    }
+
+    #[test]
+    fn state_since_moves_only_when_the_state_changes() {
+        let stats = PeerStats::new("pool", "a");
+        let start = SystemTime::now();
+        let built = stats.note_state("up", start);
+        assert!(built <= start, "the first state counts from the build");
+        assert_eq!(
+            stats.note_state("up", start + Duration::from_secs(5)),
+            built
+        );
+        let failed = start + Duration::from_secs(7);
+        assert_eq!(stats.note_state("failed", failed), failed);
+        assert_eq!(
+            stats.note_state("failed", failed + Duration::from_secs(3)),
+            failed
+        );
+        let back = failed + Duration::from_secs(4);
+        assert_eq!(stats.note_state("up", back), back);
     }
 }
