@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -25,6 +26,8 @@ use rustls::{
     SignatureScheme,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+mod sessions;
 
 /// TLS origination settings of one upstream server, as written in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +66,30 @@ impl Default for ClientTlsSettings {
 }
 
 /// A ready connector for one server: the client configuration and the name to
-/// present (SNI) and check.
+/// present (SNI) and check. Its sessions are kept for resumption; a clone
+/// shares them, [`TlsOrigin::with_own_sessions`] does not.
 #[derive(Clone)]
 pub struct TlsOrigin {
     pub connector: TlsConnector,
     pub server_name: ServerName<'static>,
+}
+
+impl TlsOrigin {
+    /// The same settings with an empty session store of its own: for another
+    /// peer of the same server (a host name with several addresses), so no
+    /// peer is offered another's tickets.
+    pub fn with_own_sessions(&self) -> TlsOrigin {
+        let mut config = ClientConfig::clone(self.connector.config());
+        config.resumption = session_resumption();
+        TlsOrigin {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+fn session_resumption() -> Resumption {
+    Resumption::store(Arc::new(sessions::SessionStore::default()))
 }
 
 impl fmt::Debug for TlsOrigin {
@@ -211,13 +233,14 @@ pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOri
                 algorithms: provider.signature_verification_algorithms,
             }))
     };
-    let config = match client_identity {
+    let mut config = match client_identity {
         Some((cert_file, key_file)) => {
             let identity = load_certified_key(cert_file, key_file, &provider)?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity)))
         }
         None => builder.with_no_client_auth(),
     };
+    config.resumption = session_resumption();
     Ok(TlsOrigin {
         connector: TlsConnector::from(Arc::new(config)),
         server_name,

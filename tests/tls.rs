@@ -13,7 +13,7 @@ use std::time::Duration;
 use certs::{generate_pki, TestPki};
 use common::*;
 use tls_backend::{server_settings, tls_client, TlsBackend};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn pki() -> (tempfile::TempDir, TestPki) {
@@ -626,4 +626,99 @@ async fn check_prints_tls_settings_with_paths_relative_to_the_file() {
         )),
         "{stdout}"
     );
+}
+
+/// Clients that each make `rounds` connections one after the other, all
+/// `concurrency` of them at once, each sending a line and reading its echo.
+async fn concurrent_echo_rounds(listen: &str, concurrency: usize, rounds: usize) {
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let listen = listen.to_owned();
+        clients.spawn(async move {
+            for _ in 0..rounds {
+                let mut stream = TcpStream::connect(&listen).await.unwrap();
+                stream.write_all(b"ping\n").await.unwrap();
+                let mut echo = [0; 5];
+                tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut echo))
+                    .await
+                    .expect("echo in time")
+                    .expect("echo");
+                assert_eq!(&echo, b"ping\n");
+            }
+        });
+    }
+    while let Some(result) = clients.join_next().await {
+        result.unwrap();
+    }
+}
+
+/// Through sluice to a TLS server at 64 concurrent clients: only the first
+/// connect of each client may need a full handshake, and at least 99% of the
+/// others resume (a TLS 1.3 ticket is used once, so the store must hold one
+/// per concurrent connect; rustls's default kept 8).
+async fn assert_upstream_sessions_resume(backend: TlsBackend, ca: &Path) {
+    const CONCURRENCY: usize = 64;
+    const ROUNDS: usize = 8;
+    let listen = free_addr();
+    let sluice = Sluice::start(
+        &config(
+            &listen,
+            "",
+            "",
+            &[server(
+                backend.addr,
+                &format!(
+                    "[upstream.pool.server.tls]\nserver_name = \"backend.test\"\n{}",
+                    toml_path("ca_file", ca)
+                ),
+            )],
+        )
+        .replace("connect_timeout = \"1s\"", "connect_timeout = \"20s\""),
+    )
+    .await;
+    concurrent_echo_rounds(&listen, CONCURRENCY, ROUNDS).await;
+    let total = CONCURRENCY * ROUNDS;
+    assert_eq!(backend.handshakes(), total, "{}", sluice.log_text());
+    let full = total - backend.resumed();
+    let allowed = CONCURRENCY + (total - CONCURRENCY) / 100;
+    assert!(
+        full <= allowed,
+        "{full} of {total} handshakes were full (at most {allowed} may be)"
+    );
+    backend.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls13_sessions_resume_at_64_concurrent_clients() {
+    let (_dir, pki) = pki();
+    let backend = trusted_backend(&pki, "echo", Behavior::Echo).await;
+    assert_upstream_sessions_resume(backend, &pki.ca).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls12_sessions_resume_at_64_concurrent_clients() {
+    let (_dir, pki) = pki();
+    let acceptor = tls12_only_acceptor(&pki);
+    let backend = TlsBackend::with_acceptor("echo", acceptor, Behavior::Echo).await;
+    assert_upstream_sessions_resume(backend, &pki.ca).await;
+}
+
+/// A server offering TLS 1.2 only, resuming by session ID.
+fn tls12_only_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    let pem = |path: &Path| std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let chain = rustls_pemfile::certs(&mut pem(&pki.server.cert))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut pem(&pki.server.key))
+        .unwrap()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
 }
