@@ -27,6 +27,7 @@ use rustls::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+pub mod handshake_errors;
 mod sessions;
 
 /// TLS origination settings of one upstream server, as written in the configuration.

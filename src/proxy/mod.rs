@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
+use crate::tls::handshake_errors::{HandshakeError, HandshakeErrors};
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
@@ -38,6 +39,8 @@ pub struct ListenerContext {
     pub upstream: SharedUpstream,
     /// TLS termination, loaded from the listener's files once per load.
     pub tls: Option<TlsAcceptor>,
+    /// Counts and log limits of failed client handshakes, with `tls`.
+    handshake_errors: Option<HandshakeErrors>,
 }
 
 impl ListenerContext {
@@ -54,10 +57,12 @@ impl ListenerContext {
             })?),
             None => None,
         };
+        let handshake_errors = tls.as_ref().map(|_| HandshakeErrors::new(&config.name));
         Ok(ListenerContext {
             config,
             upstream,
             tls,
+            handshake_errors,
         })
     }
 }
@@ -235,9 +240,11 @@ async fn establish<'a>(
     if let Some(acceptor) = &context.tls {
         client = match terminate_tls(acceptor, client, context.config.connect_timeout).await {
             Ok(client) => client,
-            Err(reason) => {
-                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
-                access.finish(None, 0, 0, Close::ClientError(&reason));
+            Err(error) => {
+                if let Some(errors) = &context.handshake_errors {
+                    errors.record(&error, listener, upstream, &client_addr);
+                }
+                access.finish(None, 0, 0, Close::ClientError(&error.message));
                 return None;
             }
         };
@@ -392,14 +399,11 @@ async fn terminate_tls(
     acceptor: &TlsAcceptor,
     client: Stream,
     timeout: Duration,
-) -> Result<Stream, String> {
+) -> Result<Stream, HandshakeError> {
     match tokio::time::timeout(timeout, acceptor.accept(client)).await {
         Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!(
-            "no TLS handshake within {}",
-            humantime::format_duration(timeout)
-        )),
+        Ok(Err(err)) => Err(HandshakeError::from_io(&err)),
+        Err(_) => Err(HandshakeError::timed_out(timeout)),
     }
 }
 
