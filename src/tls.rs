@@ -28,6 +28,7 @@ use rustls::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub mod handshake_errors;
+pub mod read_ahead;
 mod sessions;
 
 /// TLS origination settings of one upstream server, as written in the configuration.

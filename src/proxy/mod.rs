@@ -26,6 +26,7 @@ use crate::access_log::{AccessRecord, Close, TryOutcome};
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
 use crate::tls::handshake_errors::{HandshakeError, HandshakeErrors};
+use crate::tls::read_ahead::ReadAhead;
 use crate::tls::{self, TlsOrigin};
 use crate::upstream::{Lease, Peer, PeerTarget, SharedUpstream, Upstream};
 use proxy_header::Origin;
@@ -385,7 +386,11 @@ pub(crate) async fn connect_peer(
 }
 
 async fn originate_tls(tls: &TlsOrigin, stream: Stream) -> io::Result<Stream> {
-    match tls.connector.connect(tls.server_name.clone(), stream).await {
+    match tls
+        .connector
+        .connect(tls.server_name.clone(), ReadAhead::new(stream))
+        .await
+    {
         Ok(stream) => Ok(Stream::TlsToPeer(Box::new(stream))),
         Err(err) => Err(io::Error::new(
             err.kind(),
@@ -400,7 +405,7 @@ async fn terminate_tls(
     client: Stream,
     timeout: Duration,
 ) -> Result<Stream, HandshakeError> {
-    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+    match tokio::time::timeout(timeout, acceptor.accept(ReadAhead::new(client))).await {
         Ok(Ok(stream)) => Ok(Stream::TlsFromClient(Box::new(stream))),
         Ok(Err(err)) => Err(HandshakeError::from_io(&err)),
         Err(_) => Err(HandshakeError::timed_out(timeout)),
