@@ -10,6 +10,8 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 pub mod names {
     pub const LISTENER_CONNECTIONS_TOTAL: &str = "sluice_listener_connections_total";
     pub const LISTENER_CONNECTIONS_ACTIVE: &str = "sluice_listener_connections_active";
+    pub const LISTENER_TLS_HANDSHAKE_ERRORS_TOTAL: &str =
+        "sluice_listener_tls_handshake_errors_total";
     pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "sluice_upstream_connections_total";
     pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "sluice_upstream_connections_active";
     pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "sluice_upstream_connect_failures_total";
@@ -71,6 +73,10 @@ fn describe() {
     describe_gauge!(
         names::LISTENER_CONNECTIONS_ACTIVE,
         "Client connections of the listener open now."
+    );
+    describe_counter!(
+        names::LISTENER_TLS_HANDSHAKE_ERRORS_TOTAL,
+        "Client TLS handshakes of the listener that failed, by reason."
     );
     describe_counter!(
         names::UPSTREAM_CONNECTIONS_TOTAL,

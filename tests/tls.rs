@@ -13,7 +13,7 @@ use std::time::Duration;
 use certs::{generate_pki, TestPki};
 use common::*;
 use tls_backend::{server_settings, tls_client, TlsBackend};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn pki() -> (tempfile::TempDir, TestPki) {
@@ -630,4 +630,231 @@ async fn check_prints_tls_settings_with_paths_relative_to_the_file() {
         )),
         "{stdout}"
     );
+}
+
+/// Clients that each make `rounds` connections one after the other, all
+/// `concurrency` of them at once, each sending a line and reading its echo.
+async fn concurrent_echo_rounds(listen: &str, concurrency: usize, rounds: usize) {
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let listen = listen.to_owned();
+        clients.spawn(async move {
+            for _ in 0..rounds {
+                let mut stream = TcpStream::connect(&listen).await.unwrap();
+                stream.write_all(b"ping\n").await.unwrap();
+                let mut echo = [0; 5];
+                tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut echo))
+                    .await
+                    .expect("echo in time")
+                    .expect("echo");
+                assert_eq!(&echo, b"ping\n");
+            }
+        });
+    }
+    while let Some(result) = clients.join_next().await {
+        result.unwrap();
+    }
+}
+
+/// Through sluice to a TLS server at 64 concurrent clients: only the first
+/// connect of each client may need a full handshake, and at least 99% of the
+/// others resume (a TLS 1.3 ticket is used once, so the store must hold one
+/// per concurrent connect; rustls's default kept 8).
+async fn assert_upstream_sessions_resume(backend: TlsBackend, ca: &Path) {
+    const CONCURRENCY: usize = 64;
+    const ROUNDS: usize = 8;
+    let listen = free_addr();
+    let sluice = Sluice::start(
+        &config(
+            &listen,
+            "",
+            "",
+            &[server(
+                backend.addr,
+                &format!(
+                    "[upstream.pool.server.tls]\nserver_name = \"backend.test\"\n{}",
+                    toml_path("ca_file", ca)
+                ),
+            )],
+        )
+        .replace("connect_timeout = \"1s\"", "connect_timeout = \"20s\""),
+    )
+    .await;
+    concurrent_echo_rounds(&listen, CONCURRENCY, ROUNDS).await;
+    let total = CONCURRENCY * ROUNDS;
+    assert_eq!(backend.handshakes(), total, "{}", sluice.log_text());
+    let full = total - backend.resumed();
+    let allowed = CONCURRENCY + (total - CONCURRENCY) / 100;
+    assert!(
+        full <= allowed,
+        "{full} of {total} handshakes were full (at most {allowed} may be)"
+    );
+    backend.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls13_sessions_resume_at_64_concurrent_clients() {
+    let (_dir, pki) = pki();
+    let backend = trusted_backend(&pki, "echo", Behavior::Echo).await;
+    assert_upstream_sessions_resume(backend, &pki.ca).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls12_sessions_resume_at_64_concurrent_clients() {
+    let (_dir, pki) = pki();
+    let acceptor = tls12_only_acceptor(&pki);
+    let backend = TlsBackend::with_acceptor("echo", acceptor, Behavior::Echo).await;
+    assert_upstream_sessions_resume(backend, &pki.ca).await;
+}
+
+/// A server offering TLS 1.2 only, resuming by session ID.
+fn tls12_only_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&pki.server.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&pki.server.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// The value of one series in a /metrics scrape, if present.
+async fn metric(admin: &str, series: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A TLS 1.3 ClientHello naming `127.0.0.1` in its SNI extension, which RFC
+/// 6066 forbids (wrk and `openssl s_client -servername` send one): rustls's
+/// own client refuses to, so its hello for a name of the same length is
+/// patched.
+fn client_hello_with_ip_address_sni(ca: &Path) -> Vec<u8> {
+    const STAND_IN: &[u8] = b"sni.test1";
+    const IP_ADDRESS: &[u8] = b"127.0.0.1";
+    let origin = sluice::tls::origin(
+        &sluice::tls::ClientTlsSettings {
+            ca_file: Some(ca.to_owned()),
+            ..Default::default()
+        },
+        "sni.test1",
+    )
+    .unwrap();
+    let mut connection = rustls::ClientConnection::new(
+        std::sync::Arc::clone(origin.connector.config()),
+        origin.server_name,
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).unwrap();
+    let at = hello
+        .windows(STAND_IN.len())
+        .position(|window| window == STAND_IN)
+        .expect("the name in the hello");
+    hello[at..at + IP_ADDRESS.len()].copy_from_slice(IP_ADDRESS);
+    hello
+}
+
+/// 50 clients making the same mistake give 50 in the metric and one log
+/// line; the hello with an IP address as SNI is tolerated by rustls (as
+/// without SNI) and logs nothing of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_client_handshakes_are_counted_and_logged_once_a_minute() {
+    const CLIENTS: usize = 50;
+    let (_dir, pki) = pki();
+    let backend = Backend::tcp("plain", Behavior::Announce).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let sluice = Sluice::start(&format!(
+        "{}\n[admin]\nbind = \"{admin}\"\n",
+        config(
+            &listen,
+            &format!(
+                "[listener.tls]\n{}{}",
+                toml_path("cert_file", &pki.server.cert),
+                toml_path("key_file", &pki.server.key)
+            ),
+            "",
+            &[server(backend.addr, "")],
+        )
+    ))
+    .await;
+    let series = |reason: &str| {
+        format!(
+            "sluice_listener_tls_handshake_errors_total{{listener=\"front\",reason=\"{reason}\"}}"
+        )
+    };
+    for reason in [
+        "timeout",
+        "closed",
+        "alert",
+        "client_certificate_missing",
+        "client_certificate_refused",
+        "protocol",
+    ] {
+        assert_eq!(metric(&admin, &series(reason)).await, Some(0.0), "{reason}");
+    }
+
+    // Plaintext where a ClientHello belongs.
+    for _ in 0..CLIENTS {
+        let mut client = TcpStream::connect(&listen).await.unwrap();
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        read_until_closed(&mut client).await;
+    }
+    // A hello with an IP address as SNI, then the client goes away.
+    let hello = client_hello_with_ip_address_sni(&pki.ca);
+    for _ in 0..CLIENTS {
+        let mut client = TcpStream::connect(&listen).await.unwrap();
+        client.write_all(&hello).await.unwrap();
+        let mut answer = [0; 5];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer[0], 0x16, "a handshake record answers the hello");
+    }
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let protocol = metric(&admin, &series("protocol")).await;
+        let closed = metric(&admin, &series("closed")).await;
+        if protocol == Some(CLIENTS as f64) && closed == Some(CLIENTS as f64) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "protocol {protocol:?}, closed {closed:?}\n{}",
+            sluice.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failure_lines = |kind: &str| {
+        sluice
+            .log_lines()
+            .iter()
+            .filter(|line| line.contains("TLS handshake failed") && line.contains(kind))
+            .count()
+    };
+    assert_eq!(
+        failure_lines("kind=\"protocol\""),
+        1,
+        "{}",
+        sluice.log_text()
+    );
+    assert_eq!(failure_lines("kind=\"closed\""), 1, "{}", sluice.log_text());
+    assert!(!sluice.log_text().contains("SNI"), "{}", sluice.log_text());
+    assert_eq!(backend.accepted(), 0);
+    backend.finish().await;
 }

@@ -1,7 +1,7 @@
 //! One type for every kind of byte stream sluice relays, so the relay and the
 //! connect logic are written once.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -11,14 +11,16 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::tls::read_ahead::ReadAhead;
+
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// TLS originated by sluice towards a peer, over TCP or UNIX. Boxed: a
     /// TLS session is large and the enum nests.
-    TlsToPeer(Box<tokio_rustls::client::TlsStream<Stream>>),
+    TlsToPeer(Box<tokio_rustls::client::TlsStream<ReadAhead<Stream>>>),
     /// TLS terminated by sluice for a client of a listener.
-    TlsFromClient(Box<tokio_rustls::server::TlsStream<Stream>>),
+    TlsFromClient(Box<tokio_rustls::server::TlsStream<ReadAhead<Stream>>>),
 }
 
 macro_rules! delegate {
@@ -49,6 +51,24 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         delegate!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    // A TLS session hands its transport every record it has ready at once.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(stream) => stream.is_write_vectored(),
+            Stream::Unix(stream) => stream.is_write_vectored(),
+            Stream::TlsToPeer(stream) => stream.is_write_vectored(),
+            Stream::TlsFromClient(stream) => stream.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -22,7 +22,7 @@ use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
 use crate::net::connect::{connect_within, Connected};
 use crate::net::{ClientAddr, Stream};
-use crate::tls;
+use crate::tls::{self, handshake_errors::HandshakeErrors};
 use crate::upstream::{Attempt, Lease, SharedUpstream, Upstream};
 use access_log::{AccessRecord, Close, TryOutcome};
 use proxy_protocol::Origin;
@@ -36,6 +36,8 @@ pub struct ListenerContext {
     pub upstream: SharedUpstream,
     /// TLS termination, loaded from the listener's files once per load.
     pub tls: Option<TlsAcceptor>,
+    /// Counts and log limits of failed client handshakes, with `tls`.
+    handshake_errors: Option<HandshakeErrors>,
 }
 
 impl ListenerContext {
@@ -52,10 +54,12 @@ impl ListenerContext {
             })?),
             None => None,
         };
+        let handshake_errors = tls.as_ref().map(|_| HandshakeErrors::new(&config.name));
         Ok(ListenerContext {
             config,
             upstream,
             tls,
+            handshake_errors,
         })
     }
 }
@@ -178,9 +182,11 @@ async fn establish<'a>(
     if let Some(acceptor) = &context.tls {
         client = match tls::terminate(acceptor, client, context.config.connect_timeout).await {
             Ok(client) => Stream::TlsFromClient(Box::new(client)),
-            Err(reason) => {
-                warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: TLS handshake failed");
-                access.finish(None, 0, 0, Close::ClientError(&reason));
+            Err(error) => {
+                if let Some(errors) = &context.handshake_errors {
+                    errors.record(&error, listener, upstream, &client_addr);
+                }
+                access.finish(None, 0, 0, Close::ClientError(&error.message));
                 return None;
             }
         };

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -32,12 +33,38 @@ use crate::config::limits::MAX_PEM_BYTES;
 use crate::config::{parse_server_name, InvalidServerName, NamesFile};
 pub use crate::config::{ClientTlsSettings, PemKind, ServerTlsSettings};
 
+pub mod handshake_errors;
+pub mod read_ahead;
+mod sessions;
+
+use handshake_errors::HandshakeError;
+use read_ahead::ReadAhead;
+
 /// A ready connector for one server: the client configuration and the name to
-/// present (SNI) and check.
+/// present (SNI) and check. Its sessions are kept for resumption; a clone
+/// shares them, [`TlsOrigin::with_own_sessions`] does not.
 #[derive(Clone)]
 pub struct TlsOrigin {
     pub connector: TlsConnector,
     pub server_name: ServerName<'static>,
+}
+
+impl TlsOrigin {
+    /// The same settings with an empty session store of its own: for another
+    /// peer of the same server (a host name with several addresses), so no
+    /// peer is offered another's tickets.
+    pub fn with_own_sessions(&self) -> TlsOrigin {
+        let mut config = ClientConfig::clone(self.connector.config());
+        config.resumption = session_resumption();
+        TlsOrigin {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+fn session_resumption() -> Resumption {
+    Resumption::store(Arc::new(sessions::SessionStore::default()))
 }
 
 impl fmt::Debug for TlsOrigin {
@@ -169,13 +196,14 @@ pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOri
                 algorithms: provider.signature_verification_algorithms,
             }))
     };
-    let config = match client_identity {
+    let mut config = match client_identity {
         Some((cert_file, key_file)) => {
             let identity = load_certified_key(cert_file, key_file, &provider)?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity)))
         }
         None => builder.with_no_client_auth(),
     };
+    config.resumption = session_resumption();
     Ok(TlsOrigin {
         connector: TlsConnector::from(Arc::new(config)),
         server_name,
@@ -416,12 +444,12 @@ impl ServerCertVerifier for AcceptAnyServerCert {
 mod test_certs;
 
 /// Originates TLS towards a peer over `stream`; an error says it was the handshake.
-pub async fn originate<S>(tls: &TlsOrigin, stream: S) -> io::Result<client::TlsStream<S>>
+pub async fn originate<S>(tls: &TlsOrigin, stream: S) -> io::Result<client::TlsStream<ReadAhead<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     tls.connector
-        .connect(tls.server_name.clone(), stream)
+        .connect(tls.server_name.clone(), ReadAhead::new(stream))
         .await
         .map_err(|err| io::Error::new(err.kind(), format!("TLS handshake failed: {err}")))
 }
@@ -431,17 +459,14 @@ pub async fn terminate<S>(
     acceptor: &TlsAcceptor,
     stream: S,
     timeout: Duration,
-) -> Result<server::TlsStream<S>, String>
+) -> Result<server::TlsStream<ReadAhead<S>>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout(timeout, acceptor.accept(ReadAhead::new(stream))).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!(
-            "no TLS handshake within {}",
-            humantime::format_duration(timeout)
-        )),
+        Ok(Err(err)) => Err(HandshakeError::from_io(&err)),
+        Err(_) => Err(HandshakeError::timed_out(timeout)),
     }
 }
 

@@ -102,7 +102,7 @@ impl Upstream {
             // A re-resolved name always labels its peers by address, so a
             // peer keeps its label (and metrics) as the set grows and shrinks.
             let by_address = targets.len() > 1 || server.resolve;
-            for target in targets {
+            for (nth, target) in targets.into_iter().enumerate() {
                 let label = if by_address {
                     format!("{}@{target}", server.label())
                 } else {
@@ -113,7 +113,11 @@ impl Upstream {
                     label,
                     target,
                     server: server.clone(),
-                    tls: tls.clone(),
+                    // Each address is its own server: its own TLS sessions.
+                    tls: match &tls {
+                        Some(tls) if nth > 0 => Some(tls.with_own_sessions()),
+                        tls => tls.clone(),
+                    },
                     health: Arc::default(),
                 };
                 if let Some(old) =

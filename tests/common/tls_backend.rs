@@ -8,10 +8,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rustls::HandshakeKind;
 use sluice::tls::{self, ClientTlsSettings, ServerTlsSettings};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::common::{serve, Behavior};
 
@@ -23,6 +25,8 @@ pub struct TlsBackend {
     pub accepted: Arc<AtomicUsize>,
     /// Handshakes completed.
     pub handshakes: Arc<AtomicUsize>,
+    /// Of those, the ones that resumed an earlier session.
+    pub resumed: Arc<AtomicUsize>,
     /// Handshakes that failed (refused certificate, alert from the client, ...).
     pub failed_handshakes: Arc<AtomicUsize>,
     tasks: Arc<Mutex<JoinSet<()>>>,
@@ -30,19 +34,29 @@ pub struct TlsBackend {
 
 impl TlsBackend {
     pub async fn start(name: &str, settings: ServerTlsSettings, behavior: Behavior) -> TlsBackend {
-        let acceptor = tls::acceptor(&settings).unwrap();
+        TlsBackend::with_acceptor(name, tls::acceptor(&settings).unwrap(), behavior).await
+    }
+
+    /// A TLS server with a configuration of the test's own.
+    pub async fn with_acceptor(
+        name: &str,
+        acceptor: TlsAcceptor,
+        behavior: Behavior,
+    ) -> TlsBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend = TlsBackend {
             addr: listener.local_addr().unwrap(),
             name: name.to_owned(),
             accepted: Arc::default(),
             handshakes: Arc::default(),
+            resumed: Arc::default(),
             failed_handshakes: Arc::default(),
             tasks: Arc::default(),
         };
-        let (accepted, handshakes, failed, tasks, name) = (
+        let (accepted, handshakes, resumed, failed, tasks, name) = (
             Arc::clone(&backend.accepted),
             Arc::clone(&backend.handshakes),
+            Arc::clone(&backend.resumed),
             Arc::clone(&backend.failed_handshakes),
             Arc::clone(&backend.tasks),
             name.to_owned(),
@@ -53,15 +67,19 @@ impl TlsBackend {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, handshakes, failed, name) = (
+                let (acceptor, handshakes, resumed, failed, name) = (
                     acceptor.clone(),
                     Arc::clone(&handshakes),
+                    Arc::clone(&resumed),
                     Arc::clone(&failed),
                     name.clone(),
                 );
                 tasks.lock().unwrap().spawn(async move {
                     match acceptor.accept(stream).await {
                         Ok(tls) => {
+                            if tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed) {
+                                resumed.fetch_add(1, Ordering::SeqCst);
+                            }
                             handshakes.fetch_add(1, Ordering::SeqCst);
                             serve(tls, name, behavior).await;
                         }
@@ -81,6 +99,10 @@ impl TlsBackend {
 
     pub fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::SeqCst)
+    }
+
+    pub fn resumed(&self) -> usize {
+        self.resumed.load(Ordering::SeqCst)
     }
 
     pub fn failed_handshakes(&self) -> usize {

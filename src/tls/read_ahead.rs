@@ -1,0 +1,174 @@
+//! The transport under a TLS session, reading ahead.
+//!
+//! rustls asks its transport for at most 4 KiB per read (more only while a
+//! record is incomplete, 4 KiB at a time), so a full 16 KiB record took five
+//! read system calls. Reading up to [`READ_AHEAD`] at once serves those
+//! small reads from memory: one system call for up to four records. The
+//! buffer is held only while it has unread bytes, so an idle connection
+//! holds none. Writes pass straight through, vectored, so several records
+//! rustls has ready go out in one system call.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read from the socket at once: four full TLS records.
+const READ_AHEAD: usize = 64 * 1024;
+
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Bytes read and not yet handed out are `buf[start..end]`; `None`
+    /// when there are none.
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        ReadAhead {
+            inner,
+            buf: None,
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let buf = match &mut this.buf {
+            Some(buf) => buf,
+            // A reader asking for as much as a read-ahead goes to the socket.
+            None if out.remaining() >= READ_AHEAD => {
+                return Pin::new(&mut this.inner).poll_read(cx, out)
+            }
+            None => {
+                let mut buf = vec![0; READ_AHEAD].into_boxed_slice();
+                let mut filling = ReadBuf::new(&mut buf);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut filling))?;
+                let filled = filling.filled().len();
+                if filled == 0 {
+                    // End of stream.
+                    return Poll::Ready(Ok(()));
+                }
+                (this.start, this.end) = (0, filled);
+                this.buf.insert(buf)
+            }
+        };
+        let taken = out.remaining().min(this.end - this.start);
+        out.put_slice(&buf[this.start..this.start + taken]);
+        this.start += taken;
+        if this.start == this.end {
+            this.buf = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (ReadAhead<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let client = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (ReadAhead::new(server), client)
+    }
+
+    #[tokio::test]
+    async fn small_reads_see_every_byte_in_order_and_the_end() {
+        let (mut reader, mut writer) = pair().await;
+        let sent: Vec<u8> = (0..200_000u32).map(|n| (n % 251) as u8).collect();
+        let sending = sent.clone();
+        let writing = tokio::spawn(async move {
+            writer.write_all(&sending).await.expect("write");
+            writer.shutdown().await.expect("shutdown");
+        });
+        let mut received = Vec::new();
+        let mut chunk = [0; 4096];
+        loop {
+            let n = reader.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&chunk[..n]);
+            // Whatever was read ahead is held; nothing is once it is handed out.
+            assert_eq!(reader.buf.is_some(), reader.start < reader.end);
+        }
+        writing.await.expect("writer");
+        assert_eq!(received, sent);
+        assert!(reader.buf.is_none(), "a drained reader holds no buffer");
+    }
+
+    #[tokio::test]
+    async fn one_socket_read_serves_several_small_reads() {
+        let (mut reader, mut writer) = pair().await;
+        writer.write_all(&[7; 3 * 4096]).await.expect("write");
+        let mut chunk = [0; 4096];
+        // Wait for all of it to arrive, so the first read takes it all.
+        let arrived = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while reader
+                .get_ref()
+                .peek(&mut [0; 3 * 4096])
+                .await
+                .expect("peek")
+                < 3 * 4096
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        });
+        arrived.await.expect("the bytes arrive");
+        assert_eq!(reader.read(&mut chunk).await.expect("read"), 4096);
+        assert_eq!(reader.end, 3 * 4096, "read ahead in one go");
+        for _ in 0..2 {
+            assert_eq!(reader.read(&mut chunk).await.expect("read"), 4096);
+        }
+        assert!(reader.buf.is_none());
+    }
+}
