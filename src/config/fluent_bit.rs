@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::raw::RawClientTls;
 use super::{
-    server_defaults, Address, Balance, Config, ConfigError, FileLines, KeyLine, ListenerConfig,
-    ProxyProtocol, ServerConfig, Source, UpstreamConfig,
+    server_defaults, Address, Balance, Config, ConfigError, FileLines, HashRing, KeyLine,
+    ListenerConfig, ProxyProtocol, ServerConfig, Source, UpstreamConfig,
 };
 use crate::fluentbit::{self, FluentBitError, Node, UpstreamFile};
 use crate::tls::{ClientTlsSettings, PemKind};
@@ -54,6 +54,7 @@ impl Config {
         let upstream = UpstreamConfig {
             name: name.clone(),
             balance: Balance::RoundRobin,
+            hash_ring: HashRing::default(),
             servers,
             health_check: None,
             resolver: Vec::new(),

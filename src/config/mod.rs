@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::Address;
-pub use raw::{Balance, HashKey, ProxyProtocol};
+pub use raw::{Balance, HashKey, HashRing, ProxyProtocol};
 
 use raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 
@@ -75,6 +75,8 @@ pub struct AdminConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
+    /// The ring of `balance = "hash"`.
+    pub hash_ring: HashRing,
     pub servers: Vec<ServerConfig>,
     /// `None`: no active health checks.
     pub health_check: Option<HealthCheckConfig>,
@@ -479,6 +481,18 @@ impl Source<'_> {
                 ))
             }
         };
+        let hash_ring = match (&balance, raw.hash_ring) {
+            (_, None) => HashRing::default(),
+            (Balance::Hash(_), Some(ring)) => ring.into_inner(),
+            (_, Some(ring)) => {
+                return Err(self.error_at(
+                    &ring,
+                    format!(
+                        "upstream {upstream:?}: key `hash_ring` applies only to balance = \"hash\""
+                    ),
+                ))
+            }
+        };
         if raw.server.is_empty() && raw.from_fluent_bit.is_none() {
             return Err(self.error_at(
                 name,
@@ -534,6 +548,7 @@ impl Source<'_> {
         Ok(UpstreamConfig {
             name: upstream.clone(),
             balance,
+            hash_ring,
             servers,
             health_check,
             resolver,
@@ -987,6 +1002,28 @@ address = "127.0.0.1:7001"
             ok.upstreams["u"].balance,
             Balance::Hash(HashKey::ClientAddr)
         );
+    }
+
+    #[test]
+    fn hash_ring_is_nginx_by_default_ketama_on_request_and_only_with_hash() {
+        let hash = |extra: &str| {
+            MINIMAL.replace(
+                "[upstream.u]",
+                &format!("[upstream.u]\nbalance = \"hash\"\n{extra}"),
+            )
+        };
+        assert_eq!(
+            parse(&hash("")).unwrap().upstreams["u"].hash_ring,
+            HashRing::Nginx
+        );
+        let ketama = parse(&hash("hash_ring = \"ketama\"")).unwrap();
+        assert_eq!(ketama.upstreams["u"].hash_ring, HashRing::Ketama);
+        let err = error_of(&hash("hash_ring = \"md5\""));
+        assert!(err.message.contains("md5"), "{err}");
+        let err =
+            error_of(&MINIMAL.replace("[upstream.u]", "[upstream.u]\nhash_ring = \"ketama\""));
+        assert!(err.message.contains("`hash_ring` applies only"), "{err}");
+        assert!(err.to_string().contains(":8:"), "{err}");
     }
 
     #[test]
