@@ -84,8 +84,11 @@ struct Switchable {
 }
 
 impl Switchable {
+    /// On a port below the ephemeral range, so no outgoing connection takes
+    /// it while the server is stopped.
     async fn new() -> Switchable {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = distinct_ports(1)[0];
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let name = listener.local_addr().unwrap().to_string();
         let mut switchable = Switchable { name, task: None };
         switchable.serve(listener);
@@ -254,6 +257,8 @@ fn connects(count: usize) -> Vec<Step> {
 // Logs
 
 /// Access-log entries by client address, filled by a reader as they come.
+/// Entries are keyed `CLIENT@LISTENER`: a client port closed on one
+/// listener may be reused towards another before the first line is read.
 struct LogBook {
     /// `nginx` or `sluice`, for messages.
     who: &'static str,
@@ -275,18 +280,20 @@ impl LogBook {
         self.notify.notify_waiters();
     }
 
-    /// The servers tried for the connection from `client`, once logged.
-    async fn wait(&self, client: &str, scenario: &str) -> Vec<String> {
+    /// The servers tried for the connection from `client` to the
+    /// `listener` (nginx: its port; sluice: its name), once logged.
+    async fn wait(&self, client: &str, listener: &str) -> Vec<String> {
+        let key = format!("{client}@{listener}");
         let deadline = Instant::now() + PATIENCE;
         loop {
             let notified = self.notify.notified();
-            if let Some(tried) = self.tried.lock().unwrap().remove(client) {
+            if let Some(tried) = self.tried.lock().unwrap().remove(&key) {
                 return tried;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "{scenario}: no {} access-log line for client {client}",
+                "no {} access-log line for client {key}",
                 self.who
             );
             let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), notified).await;
@@ -356,7 +363,7 @@ impl Nginx {
              pid {root}/nginx.pid;\nerror_log {root}/error.log notice;\n\
              events {{ worker_connections 8192; }}\n\
              stream {{\n\
-             log_format parity '$remote_addr:$remote_port|$upstream_addr';\n\
+             log_format parity '$remote_addr:$remote_port@$server_port|$upstream_addr';\n\
              access_log {root}/access.log parity;\n\
              proxy_connect_timeout {CONNECT_TIMEOUT_MS}ms;\n\
              server {{ listen 127.0.0.1:{ready}; return ready; }}\n",
@@ -436,7 +443,7 @@ impl Drop for Nginx {
     }
 }
 
-/// Follows nginx's access log: `CLIENT|UPSTREAM_ADDR` per session.
+/// Follows nginx's access log: `CLIENT@PORT|UPSTREAM_ADDR` per session.
 async fn tail_nginx_log(path: PathBuf, log: Arc<LogBook>) {
     let mut offset = 0usize;
     let mut partial = String::new();
@@ -518,11 +525,12 @@ impl Sluice {
                     continue;
                 };
                 if json["message"] == "access" {
-                    let client = json["client"].as_str().unwrap_or_default().to_owned();
-                    book.insert(
-                        client,
-                        addresses(json["tries"].as_str().unwrap_or_default()),
+                    let key = format!(
+                        "{}@{}",
+                        json["client"].as_str().unwrap_or_default(),
+                        json["listener"].as_str().unwrap_or_default()
                     );
+                    book.insert(key, addresses(json["tries"].as_str().unwrap_or_default()));
                 } else {
                     kept.lock().unwrap().push(line);
                 }
@@ -601,7 +609,7 @@ async fn open(port: u16, from: Ipv4Addr) -> (TcpStream, String, Option<String>) 
 
 /// Runs `steps` against the balancer on `port`, one connection at a time
 /// (each logged before the next starts, so the balancer has settled it).
-async fn drive(scenario: &str, port: u16, log: &LogBook, steps: &[Step]) -> Vec<Record> {
+async fn drive(listener: &str, port: u16, log: &LogBook, steps: &[Step]) -> Vec<Record> {
     let mut records = Vec::new();
     let mut held: Vec<(TcpStream, String, usize)> = Vec::new();
     for step in steps {
@@ -613,7 +621,7 @@ async fn drive(scenario: &str, port: u16, log: &LogBook, steps: &[Step]) -> Vec<
                 };
                 let (stream, client, served) = open(port, from).await;
                 drop(stream);
-                let tried = log.wait(&client, scenario).await;
+                let tried = log.wait(&client, listener).await;
                 records.push(Record { served, tried });
             }
             Step::Hold(count) => {
@@ -629,14 +637,14 @@ async fn drive(scenario: &str, port: u16, log: &LogBook, steps: &[Step]) -> Vec<
             Step::Release => {
                 for (stream, client, index) in held.drain(..) {
                     drop(stream);
-                    records[index].tried = log.wait(&client, scenario).await;
+                    records[index].tried = log.wait(&client, listener).await;
                 }
             }
         }
     }
     for (stream, client, index) in held.drain(..) {
         drop(stream);
-        records[index].tried = log.wait(&client, scenario).await;
+        records[index].tried = log.wait(&client, listener).await;
     }
     records
 }
@@ -650,8 +658,9 @@ async fn phase_on_both(
     port_sluice: u16,
     steps: &[Step],
 ) -> (Vec<Record>, Vec<Record>) {
+    let nginx_listener = port_nginx.to_string();
     tokio::join!(
-        drive(scenario, port_nginx, &nginx.log, steps),
+        drive(&nginx_listener, port_nginx, &nginx.log, steps),
         drive(scenario, port_sluice, &sluice.log, steps)
     )
 }
