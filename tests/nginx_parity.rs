@@ -586,7 +586,24 @@ struct Record {
 /// server's name; returns the stream (still open) and the name.
 async fn open(port: u16, from: Ipv4Addr) -> (TcpStream, String, Option<String>) {
     let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    if from != Ipv4Addr::LOCALHOST {
+        // The port is chosen at connect, by the whole address pair: a
+        // bind to port 0 alone runs out of ports among thousands of
+        // TIME_WAIT connections.
+        let yes: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option of the right size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                std::ptr::addr_of!(yes).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "IP_BIND_ADDRESS_NO_PORT");
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+    }
     let stream = tokio::time::timeout(
         PATIENCE,
         socket.connect(SocketAddr::from(([127, 0, 0, 1], port))),
