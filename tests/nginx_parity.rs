@@ -244,8 +244,8 @@ struct Scenario {
     name: String,
     method: Method,
     servers: Vec<Server>,
-    /// Phases run on both balancers at once; between phases, `between`
-    /// actions (stopping or starting a switchable server, waiting).
+    /// Each phase runs on both balancers at once; a timed test changes the
+    /// servers or waits between phases.
     phases: Vec<Vec<Step>>,
 }
 
@@ -749,8 +749,11 @@ fn distinct_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Scenarios with the port each listens on.
+type Listening = Vec<(Scenario, u16)>;
+
 /// Ports for each scenario on each balancer, and nginx's readiness port.
-fn with_ports(scenarios: &[Scenario]) -> (Vec<(Scenario, u16)>, Vec<(Scenario, u16)>, u16) {
+fn with_ports(scenarios: &[Scenario]) -> (Listening, Listening, u16) {
     let ports = distinct_ports(2 * scenarios.len() + 1);
     let (for_nginx, rest) = ports.split_at(scenarios.len());
     let (for_sluice, ready) = rest.split_at(scenarios.len());
@@ -808,7 +811,7 @@ async fn run_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_scenarios_pick_and_try_as_nginx() {
-    let live: Vec<String> = futures_join_all((0..8).map(|_| live_server())).await;
+    let live: Vec<String> = live_servers(8).await;
     let hang = hanging_server();
     let dead = |n| dead_server(n);
     let s = |address: &str| Server::new(address);
@@ -1006,15 +1009,13 @@ async fn named_scenarios_pick_and_try_as_nginx() {
     }
 }
 
-/// `futures::future::join_all` without the dependency.
-async fn futures_join_all<F: std::future::Future<Output = String>>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for future in futures {
-        out.push(future.await);
+/// Starts `count` live servers; returns their addresses.
+async fn live_servers(count: usize) -> Vec<String> {
+    let mut servers = Vec::with_capacity(count);
+    for _ in 0..count {
+        servers.push(live_server().await);
     }
-    out
+    servers
 }
 
 // ---------------------------------------------------------------------------
@@ -1175,7 +1176,7 @@ fn random_group(rng: &mut Seeded, index: usize, live: &[String]) -> Scenario {
 async fn seeded_random_groups_pick_and_try_as_nginx() {
     let seed = env_number("PARITY_SEED", 0x5EED_0016);
     let groups = env_number("PARITY_GROUPS", 300) as usize;
-    let live: Vec<String> = futures_join_all((0..10).map(|_| live_server())).await;
+    let live: Vec<String> = live_servers(10).await;
     let mut rng = Seeded(seed | 1);
     let scenarios: Vec<Scenario> = (0..groups)
         .map(|index| random_group(&mut rng, index, &live))
@@ -1194,7 +1195,7 @@ async fn seeded_random_groups_pick_and_try_as_nginx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_methods_agree_with_nginx_where_nginx_is_deterministic() {
-    let live: Vec<String> = futures_join_all((0..4).map(|_| live_server())).await;
+    let live: Vec<String> = live_servers(4).await;
     let s = |address: &str| Server::new(address);
     let mut scenarios = Vec::new();
     for (method, tag) in [
@@ -1275,9 +1276,8 @@ async fn random_methods_agree_with_nginx_where_nginx_is_deterministic() {
                 }
             }
         }
-        // Where it is deterministic, the whole record is: each
-        // all-dead connection tries every refusing server, in some order,
-        // until they are marked.
+        // A single server involves no draw: there the whole record is
+        // deterministic.
         if scenario.name.ends_with("_single") {
             assert_same(scenario, nginx, sluice);
         }

@@ -111,11 +111,9 @@ impl PeerHealth {
         failures.accessed = Some(now);
         failures.checked = Some(now);
         failures.probing = false;
-        if params.max_fails > 0 {
-            failures.deficit = failures
-                .deficit
-                .saturating_add(params.weight / params.max_fails)
-                .min(params.weight);
+        // Without max_fails (0) the working weight stays.
+        if let Some(penalty) = params.weight.checked_div(params.max_fails) {
+            failures.deficit = failures.deficit.saturating_add(penalty).min(params.weight);
         }
     }
 
