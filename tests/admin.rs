@@ -263,14 +263,19 @@ async fn long_connections_report_bytes_while_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_closes_are_counted_and_server_up_recovers() {
+    // Two peers: a group of one server never marks it failed (as nginx).
     let (dead, dead_socket) = refusing_addr();
+    let (spare, _spare_socket) = refusing_addr();
     let (listen, admin) = (free_addr(), free_addr());
     let _sluice = Sluice::start(&with_admin(
         config(
             &listen,
             "",
             "",
-            &[server(&dead, "name = \"only\"\nfail_timeout = \"1s\"")],
+            &[
+                server(&dead, "name = \"only\"\nfail_timeout = \"1s\""),
+                server(&spare, "name = \"spare\"\nfail_timeout = \"1s\""),
+            ],
         ),
         &admin,
     ))
@@ -279,7 +284,7 @@ async fn unavailable_closes_are_counted_and_server_up_recovers() {
     assert_eq!(scrape.peer(UP, "only"), 1.0);
     assert_eq!(scrape.value(UNAVAILABLE, &[("upstream", "pool")]), 0.0);
 
-    // The connect fails and no other peer exists; then the peer sits out.
+    // Both connects fail; then both peers sit out.
     turned_away(&listen).await;
     turned_away(&listen).await;
     let scrape = scrape_until(&admin, "two unavailable closes", |s| {
@@ -313,49 +318,64 @@ async fn unavailable_closes_are_counted_and_server_up_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_max_fails_failures_within_fail_timeout_mark_a_peer_failed() {
+async fn failures_add_up_until_a_success_even_across_fail_timeout() {
+    // As nginx counts them: only a success after a new window forgives
+    // failures, so two failures further apart than fail_timeout still mark
+    // the peer (a group of one server would never be marked: `good` is
+    // there for that, and serves every client).
     let (dead, _dead_socket) = refusing_addr();
+    let good = Backend::tcp("good", Behavior::Echo).await;
     let (listen, admin) = (free_addr(), free_addr());
     let _sluice = Sluice::start(&with_admin(
         config(
             &listen,
             "",
             "",
-            &[server(
-                &dead,
-                "name = \"only\"\nmax_fails = 2\nfail_timeout = \"2s\"",
-            )],
+            &[
+                server(
+                    &dead,
+                    "name = \"only\"\nmax_fails = 2\nfail_timeout = \"2s\"",
+                ),
+                server(good.addr, "name = \"good\""),
+            ],
         ),
         &admin,
     ))
     .await;
-    let failures_reach = |count: f64| {
-        let admin = admin.clone();
-        async move {
-            scrape_until(&admin, "the failure counted", |s| {
-                s.peer(FAILURES, "only") == count
-            })
-            .await
-        }
+    let served = || async {
+        let data = payload(100, 3);
+        let stream = TcpStream::connect(&listen).await.unwrap();
+        assert_eq!(echo_digest(stream, data.clone()).await, sha256(&data));
     };
 
-    turned_away(&listen).await;
+    // Round-robin tries `only` first: one failure, still up.
+    served().await;
     let first = std::time::Instant::now();
-    assert_eq!(failures_reach(1.0).await.peer(UP, "only"), 1.0);
+    let scrape = scrape_until(&admin, "the failure counted", |s| {
+        s.peer(FAILURES, "only") == 1.0
+    })
+    .await;
+    assert_eq!(scrape.peer(UP, "only"), 1.0);
 
-    // The second failure comes after fail_timeout: the first no longer counts.
+    // After fail_timeout, connections until `only` is tried again: that
+    // second failure marks it although the first is older than fail_timeout.
     tokio::time::sleep_until((first + Duration::from_millis(2300)).into()).await;
-    turned_away(&listen).await;
-    assert_eq!(failures_reach(2.0).await.peer(UP, "only"), 1.0);
-    assert_eq!(peer_status(&status(&admin).await, "only")["state"], "up");
-
-    // A third right after it is the second within fail_timeout: failed.
-    turned_away(&listen).await;
-    assert_eq!(failures_reach(3.0).await.peer(UP, "only"), 0.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Scrape::take(&admin).await.peer(FAILURES, "only") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only was not tried again"
+        );
+        served().await;
+    }
+    let scrape = Scrape::take(&admin).await;
+    assert_eq!(scrape.peer(FAILURES, "only"), 2.0);
+    assert_eq!(scrape.peer(UP, "only"), 0.0);
     assert_eq!(
         peer_status(&status(&admin).await, "only")["state"],
         "failed"
     );
+    good.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

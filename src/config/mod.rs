@@ -15,7 +15,7 @@ pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
 pub use tls_settings::{
     parse_server_name, ClientTlsSettings, InvalidServerName, NamesFile, PemKind, ServerTlsSettings,
 };
-pub use toml::raw::{Balance, HashKey, ProxyProtocol};
+pub use toml::raw::{Balance, HashKey, HashRing, ProxyProtocol};
 use types::server_defaults;
 pub use types::{
     AdminConfig, Config, HealthCheckConfig, ListenerConfig, ServerConfig, Syntax, UpstreamConfig,

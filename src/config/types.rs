@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    Address, Balance, ClientTlsSettings, FileLines, KeyLine, ProxyProtocol, ServerTlsSettings,
+    Address, Balance, ClientTlsSettings, FileLines, HashRing, KeyLine, ProxyProtocol,
+    ServerTlsSettings,
 };
 
 /// Server defaults (SPEC §2), shared by the TOML reader and Fluent Bit nodes.
@@ -64,6 +65,8 @@ pub struct AdminConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
+    /// The ring of `balance = "hash"`.
+    pub hash_ring: HashRing,
     pub servers: Vec<ServerConfig>,
     /// `None`: no active health checks.
     pub health_check: Option<HealthCheckConfig>,

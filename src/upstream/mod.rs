@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::ArcSwap;
 use std::time::Instant;
 
-use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
-use crate::config::{Address, Balance, ConfigError, ServerConfig, UpstreamConfig};
+use crate::balancer::{
+    Method, PeerHealth, PeerIdentity, PeerParams, PeerState, Ring, Selector, Tried,
+};
+use crate::config::{Address, Balance, ConfigError, HashRing, ServerConfig, UpstreamConfig};
 use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
 use stats::{unavailable_counter, PeerStats};
@@ -132,6 +134,7 @@ impl Upstream {
         Ok(Upstream::new(
             config.name.clone(),
             config.balance.clone(),
+            config.hash_ring,
             peers,
         ))
     }
@@ -147,11 +150,18 @@ impl Upstream {
         targets
     }
 
-    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Upstream {
+    pub fn new(name: String, balance: Balance, hash_ring: HashRing, peers: Vec<Peer>) -> Upstream {
         let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
-        let identities: Vec<String> = peers.iter().map(|peer| peer.target.to_string()).collect();
-        let selector = Selector::for_method(&balance, &identities, params, health);
+        let identities: Vec<PeerIdentity> = peers
+            .iter()
+            .map(|peer| PeerIdentity {
+                server: peer.server.address.to_string(),
+                address: peer.target.to_string(),
+            })
+            .collect();
+        let method = method(&balance, hash_ring);
+        let selector = Selector::for_method(method, &identities, params, health);
         Upstream {
             unavailable: unavailable_counter(&name),
             name,
@@ -170,11 +180,15 @@ impl Upstream {
 
     /// Picks a peer for the next attempt of one client connection.
     pub fn select(self: &Arc<Self>, tried: &mut Tried, key: &[u8]) -> Option<Attempt> {
-        let index = self.selector().select(Instant::now(), tried, key)?;
-        tried.insert(index);
+        let (index, params) = {
+            let mut selector = self.selector();
+            let index = selector.select(Instant::now(), tried, key)?;
+            (index, selector.params(index))
+        };
         Some(Attempt {
             upstream: Arc::clone(self),
             index,
+            params,
             started: Instant::now(),
             settled: false,
         })
@@ -209,6 +223,20 @@ fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>
             server.label()
         ))
     })
+}
+
+/// The balancer's method for a configured `balance` and `hash_ring`.
+fn method(balance: &Balance, hash_ring: HashRing) -> Method {
+    match balance {
+        Balance::RoundRobin => Method::RoundRobin,
+        Balance::LeastConn => Method::LeastConn,
+        Balance::Random => Method::Random,
+        Balance::RandomTwo => Method::RandomTwo,
+        Balance::Hash(_) => Method::Hash(match hash_ring {
+            HashRing::Nginx => Ring::Nginx,
+            HashRing::Ketama => Ring::Ketama,
+        }),
+    }
 }
 
 fn peer_params(server: &ServerConfig) -> PeerParams {
@@ -264,6 +292,8 @@ pub async fn resolve_address(address: &Address) -> std::io::Result<Vec<PeerTarge
 pub struct Attempt {
     upstream: Arc<Upstream>,
     index: usize,
+    /// The peer's parameters as the group applies them, for the failure count.
+    params: PeerParams,
     started: Instant,
     settled: bool,
 }
@@ -278,7 +308,7 @@ impl Attempt {
         self.settled = true;
         let now = Instant::now();
         let was_failed = self.upstream.peer_state(self.index) == PeerState::Failed;
-        self.peer().health.failed(now);
+        self.peer().health.failed(&self.params, now);
         self.peer().stats.failed(reason);
         // As nginx's "upstream server temporarily disabled": once per marking.
         if !was_failed && self.upstream.peer_state(self.index) == PeerState::Failed {
@@ -299,7 +329,7 @@ impl Attempt {
         self.settled = true;
         let health = &self.peer().health;
         let recovered_before = health.recovered_at();
-        health.succeeded();
+        health.connected(Instant::now());
         if health.recovered_at() != recovered_before {
             info!(
                 upstream = self.upstream.name.as_str(),
@@ -318,7 +348,7 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.settled {
-            self.peer().health.released();
+            self.peer().health.abandoned();
         }
     }
 }
@@ -342,7 +372,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.peer().health.released();
+        self.peer().health.closed();
         self.peer().stats.closed();
     }
 }

@@ -10,7 +10,8 @@ pub mod reader;
 
 use super::{
     quoted, server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines,
-    KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax, UpstreamConfig,
+    HashRing, KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax,
+    UpstreamConfig,
 };
 use reader::{FluentBitError, Node, UpstreamFile};
 
@@ -52,6 +53,7 @@ impl Config {
         let upstream = UpstreamConfig {
             name: name.clone(),
             balance: Balance::RoundRobin,
+            hash_ring: HashRing::default(),
             servers,
             health_check: None,
             resolver: Vec::new(),

@@ -82,6 +82,7 @@ pub(super) struct RawUpstream {
     #[serde(default = "defaults::balance")]
     pub balance: Spanned<Balance>,
     pub hash_key: Option<Spanned<HashKey>>,
+    pub hash_ring: Option<Spanned<HashRing>>,
     pub from_fluent_bit: Option<Spanned<PathBuf>>,
     pub tls: Option<Spanned<RawClientTls>>,
     #[serde(default)]
@@ -195,6 +196,17 @@ pub enum ProxyProtocol {
 pub enum HashKey {
     ClientIp,
     ClientAddr,
+}
+
+/// Which consistent-hash ring `balance = "hash"` uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashRing {
+    /// nginx's `hash ... consistent` ring (CRC32).
+    #[default]
+    Nginx,
+    /// libmemcached's ketama ring (MD5).
+    Ketama,
 }
 
 /// A duration: a string with a unit, such as `"500ms"` or `"10m"`; or, as

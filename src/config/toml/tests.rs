@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{
-    Address, AdminConfig, Balance, Config, ConfigError, FileLines, HashKey, HealthCheckConfig,
-    InvalidServerName, KeyLine, ProxyProtocol, ServerConfig,
+    Address, AdminConfig, Balance, Config, ConfigError, FileLines, HashKey, HashRing,
+    HealthCheckConfig, InvalidServerName, KeyLine, ProxyProtocol, ServerConfig,
 };
 // Only to check that the configuration places the errors of reading TLS files.
 use crate::tls::TlsError;
@@ -270,6 +270,27 @@ fn hash_key_only_with_hash() {
         ok.upstreams["u"].balance,
         Balance::Hash(HashKey::ClientAddr)
     );
+}
+
+#[test]
+fn hash_ring_is_nginx_by_default_ketama_on_request_and_only_with_hash() {
+    let hash = |extra: &str| {
+        MINIMAL.replace(
+            "[upstream.u]",
+            &format!("[upstream.u]\nbalance = \"hash\"\n{extra}"),
+        )
+    };
+    assert_eq!(
+        parse(&hash("")).unwrap().upstreams["u"].hash_ring,
+        HashRing::Nginx
+    );
+    let ketama = parse(&hash("hash_ring = \"ketama\"")).unwrap();
+    assert_eq!(ketama.upstreams["u"].hash_ring, HashRing::Ketama);
+    let err = error_of(&hash("hash_ring = \"md5\""));
+    assert!(err.message.contains("md5"), "{err}");
+    let err = error_of(&MINIMAL.replace("[upstream.u]", "[upstream.u]\nhash_ring = \"ketama\""));
+    assert!(err.message.contains("`hash_ring` applies only"), "{err}");
+    assert!(err.to_string().contains(":8:"), "{err}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use super::Source;
 use crate::config::limits::{MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_SERVERS, MAX_WEIGHT};
 use crate::config::{
     clip, parse_server_name, quoted, Address, AdminConfig, Balance, ClientTlsSettings, Config,
-    ConfigError, FileLines, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig,
+    ConfigError, FileLines, HashRing, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig,
     ServerTlsSettings, Syntax, UpstreamConfig,
 };
 
@@ -184,6 +184,18 @@ impl Source<'_> {
                 ))
             }
         };
+        let hash_ring = match (&balance, raw.hash_ring) {
+            (_, None) => HashRing::default(),
+            (Balance::Hash(_), Some(ring)) => ring.into_inner(),
+            (_, Some(ring)) => {
+                return Err(self.error_at(
+                    &ring,
+                    format!(
+                        "upstream {upstream}: key `hash_ring` applies only to balance = \"hash\""
+                    ),
+                ))
+            }
+        };
         if raw.server.is_empty() && raw.from_fluent_bit.is_none() {
             return Err(self.error_at(
                 name,
@@ -253,6 +265,7 @@ impl Source<'_> {
         Ok(UpstreamConfig {
             name: name.get_ref().clone(),
             balance,
+            hash_ring,
             servers,
             health_check,
             resolver,

@@ -1,4 +1,4 @@
-//! `hash`: ketama consistent hashing. Every peer owns 160 points per unit of
+//! `hash` with `hash_ring = "ketama"`: libmemcached's ketama consistent hashing. Every peer owns 160 points per unit of
 //! weight on a ring of 32-bit values; a key maps to the first point at or
 //! after its own hash. Points derive from the peer's identity (its address),
 //! not its position, so adding or removing one of N peers moves only the keys
@@ -6,31 +6,27 @@
 
 use md5::{Digest, Md5};
 
-use super::{Algorithm, PeerView};
+use super::{Algorithm, PeerView, Walk};
 
 /// Ring points per unit of weight, as in libketama.
 const POINTS_PER_WEIGHT: u32 = 160;
 /// One MD5 digest gives four 32-bit points.
 const POINTS_PER_DIGEST: u32 = 4;
 
-pub struct ConsistentHash {
+pub struct Ketama {
     /// `(point, peer index)`, sorted by point (then identity, for determinism).
     ring: Vec<(u32, usize)>,
 }
 
-/// One member of the ring: its identity (stable across rebuilds) and weight.
-pub struct RingMember<'a> {
-    pub identity: &'a str,
-    pub weight: u32,
-}
-
-impl ConsistentHash {
-    pub fn new(members: &[RingMember<'_>]) -> Self {
+impl Ketama {
+    /// `members[i]`: peer i's identity (its resolved address, stable across
+    /// rebuilds) and its weight.
+    pub fn new(members: &[(&str, u32)]) -> Self {
         let mut ring: Vec<(u32, usize)> = Vec::new();
-        for (index, member) in members.iter().enumerate() {
-            let digests = member.weight.saturating_mul(POINTS_PER_WEIGHT) / POINTS_PER_DIGEST;
+        for (index, &(identity, weight)) in members.iter().enumerate() {
+            let digests = weight.saturating_mul(POINTS_PER_WEIGHT) / POINTS_PER_DIGEST;
             for digest_index in 0..digests {
-                let digest = Md5::digest(format!("{}-{digest_index}", member.identity));
+                let digest = Md5::digest(format!("{identity}-{digest_index}"));
                 for chunk in digest.chunks_exact(4) {
                     let point = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
                     ring.push((point, index));
@@ -39,9 +35,9 @@ impl ConsistentHash {
         }
         ring.sort_by(|a, b| {
             a.0.cmp(&b.0)
-                .then_with(|| members[a.1].identity.cmp(members[b.1].identity))
+                .then_with(|| members[a.1].0.cmp(members[b.1].0))
         });
-        ConsistentHash { ring }
+        Ketama { ring }
     }
 }
 
@@ -51,8 +47,8 @@ fn key_point(key: &[u8]) -> u32 {
     u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
-impl Algorithm for ConsistentHash {
-    fn pick(&mut self, peers: &[PeerView], key: &[u8]) -> Option<usize> {
+impl Algorithm for Ketama {
+    fn pick(&mut self, peers: &mut [PeerView], key: &[u8], _walk: &mut Walk) -> Option<usize> {
         if self.ring.is_empty() {
             return None;
         }
@@ -68,17 +64,12 @@ impl Algorithm for ConsistentHash {
 
 #[cfg(test)]
 mod tests {
+    use super::super::round_robin::tests::views;
     use super::*;
 
-    fn ring(addresses: &[String]) -> ConsistentHash {
-        let members: Vec<RingMember<'_>> = addresses
-            .iter()
-            .map(|identity| RingMember {
-                identity,
-                weight: 1,
-            })
-            .collect();
-        ConsistentHash::new(&members)
+    fn ring(addresses: &[String]) -> Ketama {
+        let members: Vec<(&str, u32)> = addresses.iter().map(|a| (a.as_str(), 1)).collect();
+        Ketama::new(&members)
     }
 
     fn addresses(count: usize) -> Vec<String> {
@@ -86,22 +77,15 @@ mod tests {
     }
 
     fn eligible(count: usize) -> Vec<PeerView> {
-        vec![
-            PeerView {
-                weight: 1,
-                active: 0,
-                eligible: true,
-            };
-            count
-        ]
+        views(&vec![1; count])
     }
 
     /// Maps `keys` to peer identities.
     fn mapping(addresses: &[String], keys: &[Vec<u8>]) -> Vec<String> {
         let mut hash = ring(addresses);
-        let peers = eligible(addresses.len());
+        let mut peers = eligible(addresses.len());
         keys.iter()
-            .map(|key| addresses[hash.pick(&peers, key).unwrap()].clone())
+            .map(|key| addresses[hash.pick(&mut peers, key, &mut Walk::default()).unwrap()].clone())
             .collect()
     }
 
@@ -113,18 +97,7 @@ mod tests {
 
     #[test]
     fn each_weight_unit_owns_160_points() {
-        let identities = ["a:1".to_owned(), "b:1".to_owned()];
-        let members = [
-            RingMember {
-                identity: &identities[0],
-                weight: 1,
-            },
-            RingMember {
-                identity: &identities[1],
-                weight: 3,
-            },
-        ];
-        let hash = ConsistentHash::new(&members);
+        let hash = Ketama::new(&[("a:1", 1), ("b:1", 3)]);
         let owned = |index| hash.ring.iter().filter(|&&(_, i)| i == index).count();
         assert_eq!((owned(0), owned(1)), (160, 480));
         assert!(hash.ring.windows(2).all(|pair| pair[0].0 <= pair[1].0));
@@ -195,9 +168,11 @@ mod tests {
         let keys = keys();
         let mut hash = ring(&five);
         let mut peers = eligible(5);
-        let before: Vec<usize> = keys.iter().map(|k| hash.pick(&peers, k).unwrap()).collect();
+        let mut pick =
+            |peers: &mut [PeerView], key: &[u8]| hash.pick(peers, key, &mut Walk::default());
+        let before: Vec<usize> = keys.iter().map(|k| pick(&mut peers, k).unwrap()).collect();
         peers[3].eligible = false;
-        let after: Vec<usize> = keys.iter().map(|k| hash.pick(&peers, k).unwrap()).collect();
+        let after: Vec<usize> = keys.iter().map(|k| pick(&mut peers, k).unwrap()).collect();
         // The same remapping as removing the peer from the ring.
         let four: Vec<String> = five.iter().filter(|a| *a != &five[3]).cloned().collect();
         let removed = mapping(&four, &keys);
@@ -211,6 +186,6 @@ mod tests {
         for peer in &mut peers {
             peer.eligible = false;
         }
-        assert_eq!(hash.pick(&peers, b"k"), None);
+        assert_eq!(pick(&mut peers, b"k"), None);
     }
 }
