@@ -119,6 +119,12 @@ async fn a_second_sluice_on_the_same_address_exits_2_and_the_first_keeps_it() {
         .await
         .expect("the second sluice kept running");
     assert_eq!(status.code(), Some(2));
+    // stderr is read by another thread: wait for the line, not only the exit.
+    assert!(
+        second.wait_for_log("in use", Duration::from_secs(5)).await,
+        "{}",
+        second.log_text()
+    );
     let log = second.log_text();
     assert!(log.contains(&listen) && log.contains("in use"), "{log}");
     for _ in 0..20 {
