@@ -187,7 +187,11 @@ fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
 fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
     if let Some(address) = flag {
         let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
-        config.admin = Some(AdminConfig { bind });
+        config.admin = Some(AdminConfig {
+            bind,
+            token_file: None,
+            state_file: None,
+        });
     }
     Ok(())
 }

@@ -127,6 +127,7 @@ impl AdminState {
             let group = shared.load();
             for (index, peer) in group.peers.iter().enumerate() {
                 peer.stats.refresh_up(group.peer_state(index));
+                peer.stats.refresh_draining(peer.draining);
             }
         }
         self.metrics.render()
@@ -167,7 +168,8 @@ struct PeerStatus {
     name: String,
     /// The address connected to.
     address: String,
-    /// `up`, `failed`, `down`, or `backup` for a backup peer that is up.
+    /// `up`, `failed`, `down`, `draining` (runtime drain; `active` is the
+    /// count left), or `backup` for a backup peer that is up.
     state: &'static str,
     backup: bool,
     weight: u32,
@@ -190,6 +192,7 @@ fn upstream_status(group: &Upstream) -> UpstreamStatus {
         .map(|(index, peer)| {
             let stats = peer.stats.snapshot();
             let state = match group.peer_state(index) {
+                PeerState::Down if peer.draining => "draining",
                 PeerState::Down => "down",
                 PeerState::Failed => "failed",
                 PeerState::Up if peer.server.backup => "backup",
@@ -207,8 +210,8 @@ fn upstream_status(group: &Upstream) -> UpstreamStatus {
                 address: peer.target.to_string(),
                 state,
                 backup: peer.server.backup,
-                weight: peer.server.weight,
-                max_conns: peer.server.max_conns,
+                weight: peer.weight,
+                max_conns: peer.max_conns,
                 active: stats.active,
                 total: stats.total,
                 failures: stats.failures,

@@ -28,6 +28,11 @@ mod server_defaults {
 }
 use toml::Spanned;
 
+/// The most clients one upstream's queue may hold (SPEC §8, §11).
+pub const MAX_QUEUE: u32 = 100_000;
+/// The longest a client may wait in a queue.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 use crate::tls::{self, ClientTlsSettings, PemKind, ServerTlsSettings, TlsError};
 
 /// A validated configuration.
@@ -69,6 +74,10 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub bind: Address,
+    /// Holds the bearer token runtime API writes must carry (SPEC §10).
+    pub token_file: Option<PathBuf>,
+    /// Where runtime API changes are kept across reloads and restarts.
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +89,10 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// Name servers for `resolve = true` servers; empty: the system's (`/etc/resolv.conf`).
     pub resolver: Vec<SocketAddr>,
+    /// Clients that may wait for a free slot when every peer is at
+    /// `max_conns` (SPEC §11); `0`: none wait.
+    pub queue: u32,
+    pub queue_timeout: Duration,
 }
 
 /// `[upstream.NAME.health_check]`: active checks of every peer of the group.
@@ -129,6 +142,37 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// A server added through the runtime API (SPEC §10): plain (no TLS),
+    /// the defaults of §2 for what the request does not set.
+    pub fn added_at_runtime(
+        address: Address,
+        name: Option<String>,
+        weight: u32,
+        max_conns: u32,
+    ) -> ServerConfig {
+        ServerConfig {
+            address,
+            address_line: KeyLine {
+                file: PathBuf::from("runtime API"),
+                line: 0,
+                quote: None,
+            },
+            name,
+            weight,
+            max_conns,
+            max_fails: server_defaults::MAX_FAILS,
+            fail_timeout: server_defaults::FAIL_TIMEOUT,
+            backup: false,
+            down: false,
+            slow_start: Duration::ZERO,
+            resolve: false,
+            resolve_interval: server_defaults::RESOLVE_INTERVAL,
+            tls: None,
+            tls_lines: FileLines::default(),
+            plugin_keys: Vec::new(),
+        }
+    }
+
     /// The name used in metrics, logs and `/status`: `name`, else the address as written.
     pub fn label(&self) -> String {
         self.name
@@ -373,6 +417,8 @@ impl Source<'_> {
             }
             Some(admin) => Some(AdminConfig {
                 bind: admin.bind.into_inner(),
+                token_file: admin.token_file.map(|path| self.relative(path)),
+                state_file: admin.state_file.map(|path| self.relative(path)),
             }),
             None => None,
         };
@@ -531,12 +577,27 @@ impl Source<'_> {
             .health_check
             .map(|check| self.validate_health_check(upstream, check))
             .transpose()?;
+        if *raw.queue.get_ref() > MAX_QUEUE {
+            return Err(self.error_at(
+                &raw.queue,
+                format!("upstream {upstream:?}: key `queue` must be at most {MAX_QUEUE}"),
+            ));
+        }
+        let queue_timeout = raw.queue_timeout.get_ref().0;
+        if queue_timeout.is_zero() || queue_timeout > MAX_QUEUE_TIMEOUT {
+            return Err(self.error_at(
+                &raw.queue_timeout,
+                format!("upstream {upstream:?}: key `queue_timeout` must be between 1ms and 1h"),
+            ));
+        }
         Ok(UpstreamConfig {
             name: upstream.clone(),
             balance,
             servers,
             health_check,
             resolver,
+            queue: raw.queue.into_inner(),
+            queue_timeout,
         })
     }
 
@@ -777,7 +838,9 @@ address = "127.0.0.1:7001"
         assert_eq!(
             config.admin,
             Some(AdminConfig {
-                bind: Address::Unix("/run/sluice/admin.sock".into())
+                bind: Address::Unix("/run/sluice/admin.sock".into()),
+                token_file: None,
+                state_file: None,
             })
         );
         assert!(!config.listeners[0].access_log);

@@ -19,6 +19,8 @@ use crate::metrics::{self, MetricsError};
 use crate::net::listen::BindError;
 use crate::proxy::ListenerContext;
 use crate::tls::ClientTlsSettings;
+use crate::upstream::runtime::Runtime;
+use crate::upstream::state_file::{self, Seed};
 use crate::upstream::{SharedUpstream, Upstream};
 use config_watch::ConfigWatch;
 use supervisor::{PrepareError, Supervisor};
@@ -50,7 +52,7 @@ pub async fn resolve_upstreams(
 ) -> Result<BTreeMap<String, SharedUpstream>, StartError> {
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &config.upstreams {
-        let resolved = Upstream::resolve(upstream, None)
+        let resolved = Upstream::resolve(upstream, None, Runtime::new(upstream))
             .await
             .map_err(|err| StartError::Config(err.into()))?;
         upstreams.insert(name.clone(), Arc::new(ArcSwap::from_pointee(resolved)));
@@ -224,7 +226,8 @@ pub async fn run(
     if let Some(admin_config) = &config.admin {
         admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
     }
-    let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
+    let seed = load_state_file(&config).await;
+    let mut supervisor = Supervisor::start(config, workers.handles().to_vec(), &seed).await?;
     admin.set_upstreams(supervisor.upstreams());
     admin.set_listening();
     // Started after the SIGHUP handler is installed: it signals this process.
@@ -253,6 +256,14 @@ pub async fn run(
     Ok(())
 }
 
+/// The runtime changes of `[admin] state_file`; none without one.
+async fn load_state_file(config: &Config) -> Seed {
+    match config.admin.as_ref().and_then(|admin| admin.state_file.as_ref()) {
+        Some(path) => state_file::load(path).await,
+        None => Seed::new(),
+    }
+}
+
 /// One reload: the new configuration is read and checked first; any error
 /// leaves the running one untouched.
 async fn reload_from(
@@ -269,7 +280,9 @@ async fn reload_from(
         }
     };
     let admin_moved = config.admin != supervisor.config().admin;
-    match supervisor.reload(config).await {
+    // The running [admin] settings hold: they change only at a restart.
+    let seed = load_state_file(supervisor.config()).await;
+    match supervisor.reload(config, &seed).await {
         Ok(summary) => {
             admin.set_upstreams(supervisor.upstreams());
             info!(changes = %summary, "configuration reloaded");

@@ -18,6 +18,8 @@ use tracing::info;
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError};
 use crate::net::listen::{accept_loop, bind, BindError, BoundSocket};
 use crate::proxy::{serve_connection, ListenerContext};
+use crate::upstream::runtime::Runtime;
+use crate::upstream::state_file::{self, Seed};
 use crate::upstream::task::UpstreamTask;
 use crate::upstream::{self, SharedUpstream, Upstream};
 
@@ -89,8 +91,13 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Builds and starts everything the configuration describes, with the
-    /// listeners' connections served on `workers`.
-    pub async fn start(config: Config, workers: Vec<Handle>) -> Result<Supervisor, PrepareError> {
+    /// listeners' connections served on `workers` and the runtime changes
+    /// in `seed` (the state file's) applied.
+    pub async fn start(
+        config: Config,
+        workers: Vec<Handle>,
+        seed: &Seed,
+    ) -> Result<Supervisor, PrepareError> {
         let mut supervisor = Supervisor {
             config: config.clone(),
             listeners: BTreeMap::new(),
@@ -100,15 +107,20 @@ impl Supervisor {
             accept_loops: TaskTracker::new(),
             connections: TaskTracker::new(),
         };
-        let prepared = supervisor.prepare(config).await?;
+        let prepared = supervisor.prepare(config, seed).await?;
         supervisor.commit(prepared).await;
         Ok(supervisor)
     }
 
-    /// Replaces the running configuration with `config`. On error nothing
-    /// running has changed.
-    pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, PrepareError> {
-        let prepared = self.prepare(config).await?;
+    /// Replaces the running configuration with `config`, and the runtime
+    /// changes with those of `seed` (empty without a state file). On error
+    /// nothing running has changed.
+    pub async fn reload(
+        &mut self,
+        config: Config,
+        seed: &Seed,
+    ) -> Result<ReloadSummary, PrepareError> {
+        let prepared = self.prepare(config, seed).await?;
         Ok(self.commit(prepared).await)
     }
 
@@ -138,26 +150,36 @@ impl Supervisor {
 
     /// Resolves every upstream and binds every listener socket `config` needs
     /// that is not open already. Changes nothing that runs.
-    async fn prepare(&self, config: Config) -> Result<Prepared, PrepareError> {
+    async fn prepare(&self, config: Config, seed: &Seed) -> Result<Prepared, PrepareError> {
+        state_file::warn_unknown_upstreams(seed, &config);
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for (name, upstream) in &config.upstreams {
+            let layer = state_file::layer_for(upstream, seed.get(name));
             let plan = match self.upstreams.get(name) {
                 Some(running) => {
                     let old = running.shared.load_full();
-                    let build = Upstream::resolve(upstream, Some(&old))
+                    let same_runtime = old.runtime.api_layer() == layer;
+                    let runtime = old.runtime.successor(layer);
+                    let build = Upstream::resolve(upstream, Some(&old), runtime)
                         .await
                         .map_err(|err| PrepareError::Config(err.into()))?;
                     // A group with TLS is always rebuilt, so a reload
                     // re-reads its certificate files.
                     let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
-                    if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
+                    if running.config == *upstream
+                        && same_peers(&old, &build)
+                        && !uses_tls
+                        && same_runtime
+                    {
                         UpstreamPlan::Keep
                     } else {
                         UpstreamPlan::Replace(build)
                     }
                 }
                 None => {
-                    let build = Upstream::resolve(upstream, None)
+                    let runtime = Runtime::new(upstream);
+                    runtime.replace_api_layer(layer);
+                    let build = Upstream::resolve(upstream, None, runtime)
                         .await
                         .map_err(|err| PrepareError::Config(err.into()))?;
                     UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))

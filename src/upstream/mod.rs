@@ -3,7 +3,10 @@
 //! (health checks, DNS re-resolution).
 
 pub mod health_check;
+pub mod queue;
 pub mod resolve;
+pub mod runtime;
+pub mod state_file;
 pub mod stats;
 pub mod task;
 
@@ -16,8 +19,10 @@ use crate::balancer::{PeerHealth, PeerParams, PeerState, Selector, Tried};
 use crate::config::{Address, Balance, ConfigError, ServerConfig, UpstreamConfig};
 use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
+use runtime::Runtime;
 use stats::{unavailable_counter, PeerStats};
 use task::UpstreamTask;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// One peer: a server of the configuration at one resolved address.
@@ -34,6 +39,17 @@ pub struct Peer {
     pub health: Arc<PeerHealth>,
     /// Shared like `health`.
     pub stats: Arc<PeerStats>,
+    /// The server's values after runtime overrides (SPEC §10): what the
+    /// selector is given.
+    pub weight: u32,
+    pub max_conns: u32,
+    pub down: bool,
+    /// Drained: not selected (`down` is set too), shown as `draining` while
+    /// connections are left.
+    pub draining: bool,
+    /// Cancelled to close every connection to the peer at once (`DELETE
+    /// ?force=true`); shared like `health`.
+    pub close: CancellationToken,
 }
 
 impl Peer {
@@ -51,6 +67,10 @@ pub type SharedUpstream = Arc<ArcSwap<Upstream>>;
 pub struct Upstream {
     pub name: String,
     pub balance: Balance,
+    /// What the group was built from; runtime changes rebuild it from this.
+    pub config: Arc<UpstreamConfig>,
+    /// Runtime changes and the queue, shared by every build of the group.
+    pub runtime: Arc<Runtime>,
     pub peers: Vec<Peer>,
     selector: Mutex<Selector>,
     unavailable: metrics::Counter,
@@ -65,6 +85,7 @@ impl Upstream {
     pub async fn resolve(
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
+        runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
@@ -84,21 +105,25 @@ impl Upstream {
                 ))
             })?);
         }
-        let group = Upstream::assemble(config, targets, previous)?;
+        let group = Upstream::assemble(config, targets, previous, runtime)?;
         warn_unverified_tls(config);
         Ok(group)
     }
 
     /// Builds the group from each server's targets (`targets[i]` for
-    /// `config.servers[i]`), reusing the health of peers also in `previous`.
+    /// `config.servers[i]`) with the runtime changes in `runtime` applied,
+    /// reusing the health of peers also in `previous`.
     pub fn assemble(
         config: &UpstreamConfig,
         targets: Vec<Vec<PeerTarget>>,
         previous: Option<&Upstream>,
+        runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut peers = Vec::new();
-        for (server, targets) in config.servers.iter().zip(targets) {
+        for (server, targets) in runtime.servers(config, targets) {
+            let server = &server;
             let tls = server_tls(&config.name, server)?;
+            let effective = runtime.effective(server);
             // A re-resolved name always labels its peers by address, so a
             // peer keeps its label (and metrics) as the set grows and shrinks.
             let by_address = targets.len() > 1 || server.resolve;
@@ -115,21 +140,29 @@ impl Upstream {
                     server: server.clone(),
                     tls: tls.clone(),
                     health: Arc::default(),
+                    weight: effective.weight,
+                    max_conns: effective.max_conns,
+                    down: effective.down,
+                    draining: effective.draining,
+                    close: CancellationToken::new(),
                 };
                 if let Some(old) =
                     previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
                 {
                     peer.health = Arc::clone(&old.health);
                     peer.stats = Arc::clone(&old.stats);
+                    peer.close = old.close.clone();
                 }
                 peers.push(peer);
             }
         }
-        Ok(Upstream::new(
-            config.name.clone(),
-            config.balance.clone(),
-            peers,
-        ))
+        Ok(Upstream::new(Arc::new(config.clone()), runtime, peers))
+    }
+
+    /// Whether a server of this label (its `name`, else its address as
+    /// written) is in this build.
+    pub fn has_server(&self, label: &str) -> bool {
+        self.peers.iter().any(|peer| peer.server.label() == label)
     }
 
     /// The targets this build has for `server`, in order.
@@ -143,15 +176,17 @@ impl Upstream {
         targets
     }
 
-    pub fn new(name: String, balance: Balance, peers: Vec<Peer>) -> Upstream {
-        let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
+    pub fn new(config: Arc<UpstreamConfig>, runtime: Arc<Runtime>, peers: Vec<Peer>) -> Upstream {
+        let params: Vec<PeerParams> = peers.iter().map(peer_params).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
         let identities: Vec<String> = peers.iter().map(|peer| peer.target.to_string()).collect();
-        let selector = Selector::for_method(&balance, &identities, params, health);
+        let selector = Selector::for_method(&config.balance, &identities, params, health);
         Upstream {
-            unavailable: unavailable_counter(&name),
-            name,
-            balance,
+            unavailable: unavailable_counter(&config.name),
+            name: config.name.clone(),
+            balance: config.balance.clone(),
+            config,
+            runtime,
             peers,
             selector: Mutex::new(selector),
         }
@@ -181,6 +216,16 @@ impl Upstream {
         self.selector().state(index, Instant::now())
     }
 
+    /// Whether some peer that is up is at its `max_conns`: a client that
+    /// found no eligible peer may then wait in the queue (SPEC §11).
+    pub fn has_full_peer(&self) -> bool {
+        self.peers.iter().enumerate().any(|(index, peer)| {
+            peer.max_conns > 0
+                && peer.health.active() >= peer.max_conns
+                && self.peer_state(index) == PeerState::Up
+        })
+    }
+
     /// A client connection was closed because no peer could take it.
     pub fn count_unavailable(&self) {
         self.unavailable.increment(1);
@@ -207,14 +252,15 @@ fn server_tls(upstream: &str, server: &ServerConfig) -> Result<Option<TlsOrigin>
     })
 }
 
-fn peer_params(server: &ServerConfig) -> PeerParams {
+fn peer_params(peer: &Peer) -> PeerParams {
+    let server = &peer.server;
     PeerParams {
-        weight: server.weight,
-        max_conns: server.max_conns,
+        weight: peer.weight,
+        max_conns: peer.max_conns,
         max_fails: server.max_fails,
         fail_timeout: server.fail_timeout,
         backup: server.backup,
-        down: server.down,
+        down: peer.down,
         slow_start: server.slow_start,
     }
 }
@@ -273,6 +319,7 @@ impl Attempt {
         self.settled = true;
         self.peer().health.failed(Instant::now());
         self.peer().stats.failed(reason);
+        self.upstream.runtime.queue.slot_freed();
     }
 
     /// The attempt connected: the peer stays active until the lease drops.
@@ -291,6 +338,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.settled {
             self.peer().health.released();
+            self.upstream.runtime.queue.slot_freed();
         }
     }
 }
@@ -316,6 +364,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.peer().health.released();
         self.peer().stats.closed();
+        self.upstream.runtime.queue.slot_freed();
     }
 }
 
