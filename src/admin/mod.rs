@@ -1,11 +1,14 @@
 //! The admin HTTP endpoint (SPEC §5): `/metrics`, `/healthz`, `/readyz` and
-//! `/status` on one small hyper server, on TCP or a UNIX socket.
+//! `/status` on one small hyper server, on TCP or a UNIX socket; the
+//! runtime API (SPEC §10) under `/api/`.
+
+pub mod api;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -42,6 +45,8 @@ pub struct AdminState {
     draining: AtomicBool,
     metrics: PrometheusHandle,
     upstreams: ArcSwap<BTreeMap<String, SharedUpstream>>,
+    /// Set once at start when there is an admin endpoint.
+    api: OnceLock<api::ApiSettings>,
 }
 
 impl AdminState {
@@ -54,7 +59,17 @@ impl AdminState {
             draining: AtomicBool::new(false),
             metrics,
             upstreams: ArcSwap::from_pointee(upstreams),
+            api: OnceLock::new(),
         })
+    }
+
+    /// Who may write through the runtime API; set once, at start.
+    pub fn set_api_settings(&self, settings: api::ApiSettings) {
+        let _ = self.api.set(settings);
+    }
+
+    fn api_settings(&self) -> Option<&api::ApiSettings> {
+        self.api.get()
     }
 
     /// Every listener is bound: `/readyz` answers 200 (unless draining).
@@ -159,6 +174,8 @@ struct Status {
 #[derive(Debug, Serialize)]
 struct UpstreamStatus {
     balance: &'static str,
+    /// Clients waiting for a free slot (SPEC §11).
+    queued: usize,
     peers: Vec<PeerStatus>,
 }
 
@@ -224,6 +241,7 @@ fn upstream_status(group: &Upstream) -> UpstreamStatus {
         .collect();
     UpstreamStatus {
         balance: group.balance.name(),
+        queued: group.runtime.queue.len(),
         peers,
     }
 }
@@ -264,8 +282,8 @@ pub async fn serve(address: &Address, state: Arc<AdminState>) -> Result<(), Admi
 async fn accept_loop(socket: BoundSocket, acceptor: Acceptor, state: Arc<AdminState>) {
     let _socket = socket;
     loop {
-        let stream = match acceptor.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match acceptor.accept().await {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // Out of descriptors, most likely: give connections time to close.
                 warn!(reason = %err, "admin endpoint: accept failed");
@@ -275,9 +293,16 @@ async fn accept_loop(socket: BoundSocket, acceptor: Acceptor, state: Arc<AdminSt
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = state.answer(&request);
-                async move { Ok::<_, Infallible>(response) }
+            let service = service_fn(move |request: Request<Incoming>| {
+                let state = Arc::clone(&state);
+                async move {
+                    let response = if request.uri().path().starts_with("/api/") {
+                        api::handle(&state, request, peer).await
+                    } else {
+                        state.answer(&request)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(err) = http1::Builder::new()
                 .timer(TokioTimer::new())

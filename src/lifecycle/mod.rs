@@ -13,6 +13,7 @@ pub mod config_watch;
 pub mod supervisor;
 pub mod workers;
 
+use crate::admin::api::ApiSettings;
 use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, ValueError};
 use crate::metrics::{self, MetricsError};
@@ -224,6 +225,15 @@ pub async fn run(
     // refused connection) while upstreams resolve and listeners bind.
     let admin = AdminState::new(metrics, BTreeMap::new());
     if let Some(admin_config) = &config.admin {
+        let token = match &admin_config.token_file {
+            Some(path) => Some(read_token(path).map_err(StartError::Config)?),
+            None => None,
+        };
+        let settings = ApiSettings::new(&admin_config.bind, token, admin_config.state_file.clone());
+        if settings.reachable_without_token() {
+            warn!(address = %admin_config.bind, "the admin endpoint is reachable from other hosts and [admin] token_file is not set: runtime API writes are refused, reads (/status, /metrics, GET /api) are open to anyone who can connect");
+        }
+        admin.set_api_settings(settings);
         admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
     }
     let seed = load_state_file(&config).await;
@@ -254,6 +264,35 @@ pub async fn run(
     workers.shutdown();
     info!("stopped");
     Ok(())
+}
+
+/// The largest `[admin] token_file` read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The bearer token in `path`: its content without surrounding whitespace.
+fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
+    use std::io::Read;
+    let fail = |reason: String| {
+        ValueError::Unplaced(format!(
+            "[admin] token_file {}: {reason}",
+            path.display()
+        ))
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text))
+        .map_err(|err| fail(err.to_string()))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(fail(format!("larger than {MAX_TOKEN_FILE} bytes")));
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(fail("the file is empty".to_owned()));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(fail("the token must be one word".to_owned()));
+    }
+    Ok(token.to_owned())
 }
 
 /// The runtime changes of `[admin] state_file`; none without one.
