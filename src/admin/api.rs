@@ -153,9 +153,7 @@ fn route(path: &str) -> Option<Route> {
     match parts.as_slice() {
         [upstream] => Some(Route::Upstream(decoded(upstream)?)),
         [upstream, "servers"] => Some(Route::Servers(decoded(upstream)?)),
-        [upstream, "servers", server] => {
-            Some(Route::Server(decoded(upstream)?, decoded(server)?))
-        }
+        [upstream, "servers", server] => Some(Route::Server(decoded(upstream)?, decoded(server)?)),
         _ => None,
     }
 }
@@ -249,7 +247,10 @@ async fn serve(
 
 fn authorize(state: &AdminState, request: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(settings) = state.api_settings() else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "the runtime API is off"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the runtime API is off",
+        ));
     };
     match &settings.token {
         Some(token) => {
@@ -308,7 +309,10 @@ async fn read_body(request: Request<Incoming>) -> Result<Map<String, Value>, Api
     match serde_json::from_slice(&body) {
         Ok(Value::Object(fields)) => Ok(fields),
         Ok(_) => Err(ApiError::field("body", "the body must be a JSON object")),
-        Err(err) => Err(ApiError::field("body", format!("the body is not JSON: {err}"))),
+        Err(err) => Err(ApiError::field(
+            "body",
+            format!("the body is not JSON: {err}"),
+        )),
     }
 }
 
@@ -358,12 +362,16 @@ fn text<'b>(
 ) -> Result<Option<&'b str>, ApiError> {
     match body.get(field) {
         None => Ok(None),
-        Some(Value::String(text)) if text.is_empty() || text.len() > MAX_NAME_LEN => Err(
-            ApiError::field(field, format!("{field} must be 1 to {MAX_NAME_LEN} bytes long")),
-        ),
-        Some(Value::String(text)) if text.chars().any(char::is_control) => Err(
-            ApiError::field(field, format!("{field} must not hold control characters")),
-        ),
+        Some(Value::String(text)) if text.is_empty() || text.len() > MAX_NAME_LEN => {
+            Err(ApiError::field(
+                field,
+                format!("{field} must be 1 to {MAX_NAME_LEN} bytes long"),
+            ))
+        }
+        Some(Value::String(text)) if text.chars().any(char::is_control) => Err(ApiError::field(
+            field,
+            format!("{field} must not hold control characters"),
+        )),
         Some(Value::String(text)) => Ok(Some(text)),
         Some(_) => Err(ApiError::field(field, format!("{field} must be a string"))),
     }
@@ -412,7 +420,14 @@ fn patch(
     })
     .map_err(|err| rebuild_error(err, shared, server))?;
     let group = shared.load_full();
-    log_change(&group, server, "set", peer, before, describe(&group, server));
+    log_change(
+        &group,
+        server,
+        "set",
+        peer,
+        before,
+        describe(&group, server),
+    );
     save(state);
     Ok(json_response(StatusCode::OK, &status_of(&group)?))
 }
@@ -435,22 +450,22 @@ async fn add(
     let max_conns = integer(&body, "max_conns", 0..=MAX_MAX_CONNS)?.unwrap_or(0);
     let config = ServerConfig::added_at_runtime(address, name, weight, max_conns);
     let label = config.label();
-    let targets = match tokio::time::timeout(RESOLVE_TIMEOUT, resolve_address(&config.address)).await
-    {
-        Ok(Ok(targets)) => targets,
-        Ok(Err(err)) => {
-            return Err(ApiError::field(
-                "address",
-                format!("cannot resolve {address_text}: {err}"),
-            ))
-        }
-        Err(_) => {
-            return Err(ApiError::field(
-                "address",
-                format!("{address_text} did not resolve within {RESOLVE_TIMEOUT:?}"),
-            ))
-        }
-    };
+    let targets =
+        match tokio::time::timeout(RESOLVE_TIMEOUT, resolve_address(&config.address)).await {
+            Ok(Ok(targets)) => targets,
+            Ok(Err(err)) => {
+                return Err(ApiError::field(
+                    "address",
+                    format!("cannot resolve {address_text}: {err}"),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::field(
+                    "address",
+                    format!("{address_text} did not resolve within {RESOLVE_TIMEOUT:?}"),
+                ))
+            }
+        };
     runtime::rebuild(shared, |group| {
         if group.has_server(&label) {
             return Err(ApiError::new(
@@ -475,7 +490,14 @@ async fn add(
         RebuildError::Build(err) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.message),
     })?;
     let group = shared.load_full();
-    log_change(&group, &label, "add", peer, "absent".to_owned(), describe(&group, &label));
+    log_change(
+        &group,
+        &label,
+        "add",
+        peer,
+        "absent".to_owned(),
+        describe(&group, &label),
+    );
     save(state);
     Ok(json_response(StatusCode::CREATED, &status_of(&group)?))
 }
@@ -498,14 +520,14 @@ async fn remove(
                 format!("upstream {:?} has no server {server:?}", group.name),
             ));
         }
-        let others = group
-            .peers
-            .iter()
-            .any(|peer| peer.server.label() != server);
+        let others = group.peers.iter().any(|peer| peer.server.label() != server);
         if !others {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!("{server:?} is the last server of upstream {:?}; it cannot be removed", group.name),
+                format!(
+                    "{server:?} is the last server of upstream {:?}; it cannot be removed",
+                    group.name
+                ),
             ));
         }
         let mut overrides = group.runtime.overrides(Source::Api, &server);
@@ -523,19 +545,26 @@ async fn remove(
         "remove",
         peer,
         before,
-        if force { "closing connections" } else { "draining" }.to_owned(),
+        if force {
+            "closing connections"
+        } else {
+            "draining"
+        }
+        .to_owned(),
     );
     let settings_path = state.api_settings().and_then(|s| s.state_file.clone());
     let upstreams = state.upstreams.load_full();
     let removal = tokio::spawn(async move {
-        let peers: Vec<(Arc<crate::balancer::PeerHealth>, tokio_util::sync::CancellationToken)> =
-            shared
-                .load()
-                .peers
-                .iter()
-                .filter(|peer| peer.server.label() == server)
-                .map(|peer: &Peer| (Arc::clone(&peer.health), peer.close.clone()))
-                .collect();
+        let peers: Vec<(
+            Arc<crate::balancer::PeerHealth>,
+            tokio_util::sync::CancellationToken,
+        )> = shared
+            .load()
+            .peers
+            .iter()
+            .filter(|peer| peer.server.label() == server)
+            .map(|peer: &Peer| (Arc::clone(&peer.health), peer.close.clone()))
+            .collect();
         if force {
             for (_, close) in &peers {
                 close.cancel();
@@ -560,14 +589,22 @@ async fn remove(
             }
             Ok::<_, UnknownServer>(())
         })
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot rebuild the group"))?;
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot rebuild the group",
+            )
+        })?;
         let group = shared.load_full();
         info!(upstream = group.name.as_str(), server = server.as_str(), who = %peer, "runtime change: server removed");
         save_to(settings_path.as_deref(), &upstreams);
         status_of(&group)
     });
     let status = removal.await.map_err(|err| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the removal failed: {err}"))
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the removal failed: {err}"),
+        )
     })??;
     Ok(json_response(StatusCode::OK, &status))
 }
@@ -588,7 +625,11 @@ fn rebuild_error(
 
 /// A server's state, weight and max_conns in one build, for log lines.
 fn describe(group: &Upstream, server: &str) -> String {
-    match group.peers.iter().find(|peer| peer.server.label() == server) {
+    match group
+        .peers
+        .iter()
+        .find(|peer| peer.server.label() == server)
+    {
         Some(peer) => {
             let state = if peer.draining {
                 "drain"
@@ -626,7 +667,7 @@ fn log_change(
 }
 
 /// Writes the state file, if there is one, after a change.
-fn save(state: &AdminState) {
+pub(super) fn save(state: &AdminState) {
     let path = state.api_settings().and_then(|s| s.state_file.clone());
     save_to(path.as_deref(), &state.upstreams.load());
 }
@@ -655,7 +696,9 @@ mod tests {
 
     #[test]
     fn routes_decode_names() {
-        assert!(matches!(route("/api/upstreams/pool"), Some(Route::Upstream(name)) if name == "pool"));
+        assert!(
+            matches!(route("/api/upstreams/pool"), Some(Route::Upstream(name)) if name == "pool")
+        );
         assert!(matches!(
             route("/api/upstreams/pool/servers/unix:%2Frun%2Fa.sock"),
             Some(Route::Server(_, server)) if server == "unix:/run/a.sock"

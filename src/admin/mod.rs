@@ -68,6 +68,12 @@ impl AdminState {
         let _ = self.api.set(settings);
     }
 
+    /// Writes the runtime changes to `[admin] state_file`, if set: after a
+    /// reload, which drops those of servers no longer configured.
+    pub fn save_runtime_state(&self) {
+        api::save(self);
+    }
+
     fn api_settings(&self) -> Option<&api::ApiSettings> {
         self.api.get()
     }

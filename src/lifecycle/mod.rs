@@ -273,10 +273,7 @@ const MAX_TOKEN_FILE: u64 = 4096;
 fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
     use std::io::Read;
     let fail = |reason: String| {
-        ValueError::Unplaced(format!(
-            "[admin] token_file {}: {reason}",
-            path.display()
-        ))
+        ValueError::Unplaced(format!("[admin] token_file {}: {reason}", path.display()))
     };
     let mut text = String::new();
     std::fs::File::open(path)
@@ -297,7 +294,11 @@ fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
 
 /// The runtime changes of `[admin] state_file`; none without one.
 async fn load_state_file(config: &Config) -> Seed {
-    match config.admin.as_ref().and_then(|admin| admin.state_file.as_ref()) {
+    match config
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.state_file.as_ref())
+    {
         Some(path) => state_file::load(path).await,
         None => Seed::new(),
     }
@@ -324,6 +325,7 @@ async fn reload_from(
     match supervisor.reload(config, &seed).await {
         Ok(summary) => {
             admin.set_upstreams(supervisor.upstreams());
+            admin.save_runtime_state();
             info!(changes = %summary, "configuration reloaded");
             if admin_moved {
                 warn!("the [admin] settings changed: they apply at the next start, not on reload");

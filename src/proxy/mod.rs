@@ -24,11 +24,11 @@ use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError}
 use crate::net::connect::{connect_within, Connected};
 use crate::net::{ClientAddr, Stream};
 use crate::tls;
+use crate::upstream::queue::Place;
 use crate::upstream::{Attempt, Lease, SharedUpstream, Upstream};
 use access_log::{AccessRecord, Close, TryOutcome};
 use proxy_protocol::Origin;
 use relay::{relay, RelayEnd, RelayOutcome, Side};
-use crate::upstream::queue::Place;
 use retry::{connect_first, AttemptError, Candidates, RetryLimits, Unavailable};
 
 /// What a listener's connections need: its settings and its upstream group.
