@@ -562,7 +562,7 @@ async fn remove(
             .load()
             .peers
             .iter()
-            .filter(|peer| peer.server.label() == server)
+            .filter(|peer| peer.answers_to(&server))
             .map(|peer: &Peer| (Arc::clone(&peer.health), peer.close.clone()))
             .collect();
         if force {
@@ -625,11 +625,7 @@ fn rebuild_error(
 
 /// A server's state, weight and max_conns in one build, for log lines.
 fn describe(group: &Upstream, server: &str) -> String {
-    match group
-        .peers
-        .iter()
-        .find(|peer| peer.server.label() == server)
-    {
+    match group.peers.iter().find(|peer| peer.answers_to(server)) {
         Some(peer) => {
             let state = if peer.draining {
                 "drain"

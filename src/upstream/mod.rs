@@ -53,6 +53,12 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Whether runtime changes to `label` apply to this peer: its server's
+    /// label, or its own.
+    pub fn answers_to(&self, label: &str) -> bool {
+        self.label == label || self.server.label() == label
+    }
+
     /// Peers of two builds of a group are the same peer when they have the same
     /// label and address; such a peer keeps its health across the rebuild.
     fn same_as(&self, other: &Peer) -> bool {
@@ -120,10 +126,12 @@ impl Upstream {
         runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut peers = Vec::new();
-        for (server, targets) in runtime.servers(config, targets) {
+        let servers = runtime.servers(config, targets);
+        let server_labels: Vec<String> = servers.iter().map(|(server, _)| server.label()).collect();
+        let mut peer_labels = Vec::new();
+        for (server, targets) in servers {
             let server = &server;
             let tls = server_tls(&config.name, server)?;
-            let effective = runtime.effective(server);
             // A re-resolved name always labels its peers by address, so a
             // peer keeps its label (and metrics) as the set grows and shrinks.
             let by_address = targets.len() > 1 || server.resolve;
@@ -133,6 +141,11 @@ impl Upstream {
                 } else {
                     server.label()
                 };
+                peer_labels.push(label.clone());
+                if by_address && runtime.is_removed(&label) {
+                    continue;
+                }
+                let effective = runtime.effective(server, &label);
                 let mut peer = Peer {
                     stats: Arc::new(PeerStats::new(&config.name, &label)),
                     label,
@@ -156,13 +169,14 @@ impl Upstream {
                 peers.push(peer);
             }
         }
+        runtime.forget_gone_peers(&server_labels, &peer_labels);
         Ok(Upstream::new(Arc::new(config.clone()), runtime, peers))
     }
 
     /// Whether a server of this label (its `name`, else its address as
-    /// written) is in this build.
+    /// written), or a peer of this label (`LABEL@ADDRESS`), is in this build.
     pub fn has_server(&self, label: &str) -> bool {
-        self.peers.iter().any(|peer| peer.server.label() == label)
+        self.peers.iter().any(|peer| peer.answers_to(label))
     }
 
     /// The targets this build has for `server`, in order.

@@ -4,6 +4,10 @@
 //! them on top of the configuration at every build (API write, reload, DNS
 //! re-resolution), so no rebuild loses them.
 //!
+//! Overrides name a server by its label, or one peer of a server (one
+//! address of a host name) by the peer's label `LABEL@ADDRESS`; a peer's own
+//! values go over its server's.
+//!
 //! Two sources set overrides: the runtime API and agent checks. A server's
 //! state is the most restrictive one set (down over drain over up), else the
 //! configuration's `down`; its weight and max_conns are the agent's if set,
@@ -122,6 +126,19 @@ pub struct Runtime {
     pub queue: Arc<Queue>,
 }
 
+/// The overrides of server `server` with those of its peer `peer` on top.
+fn layered(layer: &BTreeMap<String, Overrides>, server: &str, peer: &str) -> Overrides {
+    let mut merged = layer.get(server).cloned().unwrap_or_default();
+    if peer != server {
+        if let Some(own) = layer.get(peer) {
+            merged.state = own.state.or(merged.state);
+            merged.weight = own.weight.or(merged.weight);
+            merged.max_conns = own.max_conns.or(merged.max_conns);
+        }
+    }
+    merged
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update leaves the state whole, so a panic elsewhere while the
     // lock was held leaves nothing to repair.
@@ -190,26 +207,20 @@ impl Runtime {
         servers
     }
 
-    /// `server`'s values after the overrides of both sources.
-    pub fn effective(&self, server: &ServerConfig) -> Effective {
+    /// The values of `server`'s peer `peer` (its label) after the overrides
+    /// of both sources, those of the peer over those of its server.
+    pub fn effective(&self, server: &ServerConfig, peer: &str) -> Effective {
         let inner = lock(&self.inner);
-        let label = server.label();
-        let api = inner.api.overrides.get(&label);
-        let agent = inner.agent.get(&label);
-        let state = api
-            .and_then(|api| api.state)
-            .into_iter()
-            .chain(agent.and_then(|agent| agent.state))
-            .max();
-        let pick = |field: fn(&Overrides) -> Option<u32>, configured: u32| {
-            agent
-                .and_then(field)
-                .or_else(|| api.and_then(field))
-                .unwrap_or(configured)
-        };
+        let server_label = server.label();
+        let api = layered(&inner.api.overrides, &server_label, peer);
+        let agent = layered(&inner.agent, &server_label, peer);
+        let state = api.state.into_iter().chain(agent.state).max();
         Effective {
-            weight: pick(|o| o.weight, server.weight),
-            max_conns: pick(|o| o.max_conns, server.max_conns),
+            weight: agent.weight.or(api.weight).unwrap_or(server.weight),
+            max_conns: agent
+                .max_conns
+                .or(api.max_conns)
+                .unwrap_or(server.max_conns),
             down: match state {
                 Some(ServerState::Up) => false,
                 Some(ServerState::Drain | ServerState::Down) => true,
@@ -217,6 +228,27 @@ impl Runtime {
             },
             draining: state == Some(ServerState::Drain),
         }
+    }
+
+    /// Whether peer `label` was removed on its own (one address of a
+    /// re-resolved host name).
+    pub fn is_removed(&self, label: &str) -> bool {
+        lock(&self.inner).api.removed.contains(label)
+    }
+
+    /// Forgets what was set on single peers (`LABEL@ADDRESS`) that no
+    /// longer exist: once DNS stops returning an address, its state goes.
+    /// `servers` are the labels of the build's servers, `peers` of its peers
+    /// (removed ones included).
+    pub fn forget_gone_peers(&self, servers: &[String], peers: &[String]) {
+        let gone = |key: &String| !servers.contains(key) && !peers.contains(key);
+        let mut inner = lock(&self.inner);
+        inner.api.overrides.retain(|key, _| !gone(key));
+        inner
+            .api
+            .removed
+            .retain(|key| !gone(key) || !key.contains('@'));
+        inner.agent.retain(|key, _| !gone(key));
     }
 
     /// The overrides `source` has set on server `label`.
@@ -374,7 +406,7 @@ mod tests {
         let config = group();
         let runtime = Runtime::new(&config);
         let server = &config.servers[0];
-        let plain = runtime.effective(server);
+        let plain = runtime.effective(server, "s1");
         assert_eq!((plain.weight, plain.max_conns, plain.down), (4, 10, false));
         runtime.set_overrides(
             Source::Api,
@@ -394,14 +426,32 @@ mod tests {
                 max_conns: None,
             },
         );
-        let both = runtime.effective(server);
+        let both = runtime.effective(server, "s1");
         assert_eq!(
             (both.weight, both.max_conns, both.down, both.draining),
             (1, 3, true, true)
         );
         runtime.set_overrides(Source::Agent, "s1", Overrides::default());
-        let api = runtime.effective(server);
+        let api = runtime.effective(server, "s1");
         assert_eq!((api.weight, api.down, api.draining), (2, false, false));
+        // A peer's own values go over its server's.
+        runtime.set_overrides(
+            Source::Api,
+            "s1@127.0.0.1:1",
+            Overrides {
+                state: Some(ServerState::Drain),
+                weight: None,
+                max_conns: Some(9),
+            },
+        );
+        let peer = runtime.effective(server, "s1@127.0.0.1:1");
+        assert_eq!((peer.weight, peer.max_conns, peer.draining), (2, 9, true));
+        runtime.forget_gone_peers(&["s1".into(), "s2".into()], &["s1@127.0.0.1:2".into()]);
+        assert_eq!(
+            runtime.overrides(Source::Api, "s1@127.0.0.1:1"),
+            Overrides::default()
+        );
+        assert_eq!(runtime.overrides(Source::Api, "s1").weight, Some(2));
     }
 
     #[test]

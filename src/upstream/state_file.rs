@@ -118,7 +118,10 @@ async fn added_server(stored: &StoredServer) -> Result<AddedServer, String> {
     if !WEIGHT_RANGE.contains(&stored.weight) {
         return Err(format!("weight {} is not 1-1000", stored.weight));
     }
-    let address: Address = stored.address.parse().map_err(|err| format!("{err}"))?;
+    let address = stored
+        .address
+        .parse::<Address>()
+        .map_err(|err| err.to_string())?;
     let targets = resolve_address(&address)
         .await
         .map_err(|err| format!("address {}: {err}", stored.address))?;
@@ -146,7 +149,7 @@ pub fn layer_for(config: &UpstreamConfig, stored: Option<&ApiLayer>) -> ApiLayer
     for label in &stored.removed {
         if configured.contains(label) {
             layer.removed.insert(label.clone());
-        } else {
+        } else if !label.contains('@') {
             warn!(
                 upstream = config.name.as_str(),
                 server = label.as_str(),
@@ -167,13 +170,35 @@ pub fn layer_for(config: &UpstreamConfig, stored: Option<&ApiLayer>) -> ApiLayer
         }
         layer.added.push(added.clone());
     }
+    // A peer's own entry (`LABEL@ADDRESS`) stays while its server does; a
+    // build forgets it once DNS no longer returns the address.
+    let known = |label: &String| {
+        labels.contains(label)
+            || label
+                .split_once('@')
+                .is_some_and(|(server, _)| labels.contains(server))
+    };
+    for label in &stored.removed {
+        if configured.contains(label) || !label.contains('@') {
+            continue;
+        }
+        if known(label) {
+            layer.removed.insert(label.clone());
+        } else {
+            warn!(
+                upstream = config.name.as_str(),
+                server = label.as_str(),
+                "state_file: removed peer is not in the configuration; entry ignored"
+            );
+        }
+    }
     for (label, overrides) in &stored.overrides {
         let removed = layer.removed.contains(label)
             && !layer
                 .added
                 .iter()
                 .any(|added| added.config.label() == *label);
-        if labels.contains(label) && !removed {
+        if known(label) && !removed {
             layer.overrides.insert(label.clone(), overrides.clone());
         } else {
             warn!(
