@@ -572,10 +572,12 @@ async fn remove(
         }
         while peers.iter().any(|(health, _)| health.active() > 0) {
             tokio::time::sleep(DRAIN_POLL).await;
-            // Set up again meanwhile: the removal is called off.
+            // Set up again meanwhile: the removal is called off. A peer that
+            // DNS dropped meanwhile is gone already; its connections are
+            // still waited for.
             let group = shared.load();
-            if !group.has_server(&server)
-                || group.runtime.overrides(Source::Api, &server).state != Some(ServerState::Drain)
+            if group.has_server(&server)
+                && group.runtime.overrides(Source::Api, &server).state != Some(ServerState::Drain)
             {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,

@@ -226,7 +226,7 @@ mod tests {
             let queue = Arc::clone(&queue);
             async move { queue.wait(2, far(), Place::Back).await }
         });
-        while queue.len() < 1 {
+        while queue.is_empty() {
             tokio::task::yield_now().await;
         }
         let second = tokio::spawn({
