@@ -112,8 +112,8 @@ async fn run(args: CtlArgs) -> ExitCode {
         }
     };
     let token = match &args.token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => Some(text.trim().to_owned()),
+        Some(path) => match read_token(path) {
+            Ok(token) => Some(token),
             Err(err) => {
                 eprintln!("sluice ctl: --token-file {}: {err}", path.display());
                 return ExitCode::from(EXIT_REFUSED);
@@ -160,6 +160,23 @@ async fn run(args: CtlArgs) -> ExitCode {
         None => print!("{}", String::from_utf8_lossy(&answer)),
     }
     ExitCode::SUCCESS
+}
+
+/// The token in `path`, without surrounding whitespace; at most 4 KiB, as
+/// the server reads its own.
+fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    const MAX_TOKEN_FILE: u64 = 4096;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_TOKEN_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_TOKEN_FILE} bytes"
+        )));
+    }
+    Ok(text.trim().to_owned())
 }
 
 fn request_for(action: &Action) -> (&'static str, String, Option<Value>) {

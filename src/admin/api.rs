@@ -31,6 +31,9 @@ pub const MAX_BODY: usize = 4096;
 pub const MAX_NAME_LEN: usize = 128;
 /// The most `max_conns` may be set to.
 pub const MAX_MAX_CONNS: u32 = 1_000_000;
+/// How long a request body may take to arrive, so a stalled client does
+/// not hold its connection for ever.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an added server's host name may take to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `DELETE` looks whether the drained server's connections are gone.
@@ -296,9 +299,15 @@ fn status_of(group: &Upstream) -> Result<Value, ApiError> {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
-    let body = Limited::new(request.into_body(), MAX_BODY)
-        .collect()
+    let collect = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = tokio::time::timeout(BODY_TIMEOUT, collect)
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+            )
+        })?
         .map_err(|err| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
