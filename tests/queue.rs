@@ -164,3 +164,33 @@ async fn without_a_queue_a_full_group_closes_at_once() {
     assert!(closed_empty(&mut turned_away).await);
     backend.finish().await;
 }
+
+#[tokio::test]
+async fn queue_and_queue_timeout_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, key) in [
+        ("queue = 100001", "`queue` must be at most 100000"),
+        (
+            "queue = 1\nqueue_timeout = \"0s\"",
+            "`queue_timeout` must be between",
+        ),
+        (
+            "queue = 1\nqueue_timeout = \"2h\"",
+            "`queue_timeout` must be between",
+        ),
+    ] {
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            config(&free_addr(), "", extra, &[server("127.0.0.1:1", "")]),
+        )
+        .unwrap();
+        let (code, _, stderr) = run_sluice(
+            &["--check", "--config", path.to_str().unwrap()],
+            &[],
+            dir.path(),
+        );
+        assert_eq!(code, 1, "{extra}: {stderr}");
+        assert!(stderr.contains(key), "{extra}: {stderr}");
+    }
+}

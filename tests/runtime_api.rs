@@ -855,3 +855,118 @@ async fn ctl_prints_tables_or_json_and_exits_non_zero_with_the_servers_error() {
     }
     added.finish().await;
 }
+
+#[tokio::test]
+async fn the_token_file_is_bounded_and_must_hold_one_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    for (content, reason) in [
+        ("".to_owned(), "the file is empty"),
+        ("two words".to_owned(), "one word"),
+        ("x".repeat(5000), "larger than 4096 bytes"),
+    ] {
+        std::fs::write(&token_file, &content).unwrap();
+        let text = with_admin(
+            config(&free_addr(), "", "", &[server("127.0.0.1:1", "")]),
+            &free_addr(),
+            &format!("token_file = \"{}\"", token_file.display()),
+        );
+        let mut sluice = Sluice::spawn(&text, &[]);
+        let status = sluice.wait_exit(WAIT).await.expect("sluice did not exit");
+        assert_eq!(status.code(), Some(1), "{}", sluice.log_text());
+        assert!(
+            sluice.wait_for_log(reason, WAIT).await,
+            "{}",
+            sluice.log_text()
+        );
+        let log = sluice.log_text();
+        assert!(log.contains("token_file") && log.contains(reason), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_state_file_is_ignored() {
+    let backends = announcing(&["a", "b"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("state.json");
+    // Valid JSON past 16 MiB: whitespace after a drain of a.
+    let mut text =
+        r#"{"version": 1, "upstreams": {"pool": {"servers": {"a": {"state": "drain"}}}}}"#
+            .to_owned();
+    text.push_str(&" ".repeat(17 * 1024 * 1024));
+    std::fs::write(&state_file, text).unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let sluice = Sluice::start(&with_admin(
+        config(&listen, "", "", &servers(&backends)),
+        &admin,
+        &format!("state_file = \"{}\"", state_file.display()),
+    ))
+    .await;
+    assert_eq!(
+        peer(&status(&admin).await["upstreams"]["pool"], "a").unwrap()["state"],
+        "up"
+    );
+    assert!(
+        sluice.log_text().contains("larger than 16777216 bytes"),
+        "{}",
+        sluice.log_text()
+    );
+    for backend in backends {
+        backend.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn at_most_256_servers_are_added_to_one_upstream() {
+    let backends = announcing(&["a"]).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _sluice = Sluice::start(&with_admin(
+        config(&listen, "", "", &servers(&backends)),
+        &admin,
+        "",
+    ))
+    .await;
+    let target = backends[0].addr.to_string();
+    let mut adders = Vec::new();
+    for worker in 0..8 {
+        let (admin, target) = (admin.clone(), target.clone());
+        adders.push(tokio::spawn(async move {
+            for index in (worker..256).step_by(8) {
+                let body = json!({"address": target, "name": format!("n{index}")}).to_string();
+                let (code, _) = api(
+                    &admin,
+                    "POST",
+                    "/api/upstreams/pool/servers",
+                    None,
+                    Some(&body),
+                )
+                .await;
+                assert_eq!(code, 201, "n{index}");
+            }
+        }));
+    }
+    for adder in adders {
+        adder.await.unwrap();
+    }
+    let body = json!({"address": target, "name": "one-too-many"}).to_string();
+    let (code, error) = api(
+        &admin,
+        "POST",
+        "/api/upstreams/pool/servers",
+        None,
+        Some(&body),
+    )
+    .await;
+    assert_eq!(code, 409, "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("the most allowed"),
+        "{error}"
+    );
+    assert_eq!(peers(&status(&admin).await).len(), 257);
+    for backend in backends {
+        backend.finish().await;
+    }
+}

@@ -289,6 +289,26 @@ fn group(state: &AdminState, name: &str) -> Result<SharedUpstream, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown upstream {name:?}")))
 }
 
+/// The upstream's object as in `/status`, with only the peers of `server`:
+/// what a change answers, so its size does not grow with the group.
+fn status_of_server(group: &Upstream, server: &str) -> Result<Value, ApiError> {
+    let mut status = status_of(group)?;
+    if let Some(Value::Array(peers)) = status.get_mut("peers") {
+        let names: Vec<&str> = group
+            .peers
+            .iter()
+            .filter(|peer| peer.answers_to(server))
+            .map(|peer| peer.label.as_str())
+            .collect();
+        peers.retain(|peer| {
+            peer["name"]
+                .as_str()
+                .is_some_and(|name| names.contains(&name))
+        });
+    }
+    Ok(status)
+}
+
 fn status_of(group: &Upstream) -> Result<Value, ApiError> {
     serde_json::to_value(upstream_status(group)).map_err(|err| {
         ApiError::new(
@@ -438,7 +458,10 @@ fn patch(
         describe(&group, server),
     );
     save(state);
-    Ok(json_response(StatusCode::OK, &status_of(&group)?))
+    Ok(json_response(
+        StatusCode::OK,
+        &status_of_server(&group, server)?,
+    ))
 }
 
 /// `POST /api/upstreams/U/servers`.
@@ -508,7 +531,10 @@ async fn add(
         describe(&group, &label),
     );
     save(state);
-    Ok(json_response(StatusCode::CREATED, &status_of(&group)?))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &status_of_server(&group, &label)?,
+    ))
 }
 
 /// `DELETE /api/upstreams/U/servers/S[?force=true]`: drains the server,

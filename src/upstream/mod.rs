@@ -10,6 +10,7 @@ pub mod state_file;
 pub mod stats;
 pub mod task;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -57,12 +58,6 @@ impl Peer {
     /// label, or its own.
     pub fn answers_to(&self, label: &str) -> bool {
         self.label == label || self.server.label() == label
-    }
-
-    /// Peers of two builds of a group are the same peer when they have the same
-    /// label and address; such a peer keeps its health across the rebuild.
-    fn same_as(&self, other: &Peer) -> bool {
-        self.label == other.label && self.target == other.target
     }
 }
 
@@ -126,6 +121,13 @@ impl Upstream {
         runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut peers = Vec::new();
+        // Peers of two builds are the same peer when they have the same
+        // label and address.
+        let earlier: HashMap<(&str, &PeerTarget), &Peer> = previous
+            .into_iter()
+            .flat_map(|old| &old.peers)
+            .map(|old| ((old.label.as_str(), &old.target), old))
+            .collect();
         let servers = runtime.servers(config, targets);
         let server_labels: Vec<String> = servers.iter().map(|(server, _)| server.label()).collect();
         let mut peer_labels = Vec::new();
@@ -146,27 +148,33 @@ impl Upstream {
                     continue;
                 }
                 let effective = runtime.effective(server, &label);
-                let mut peer = Peer {
-                    stats: Arc::new(PeerStats::new(&config.name, &label)),
+                // A peer also in `previous` keeps its shared state; looking
+                // it up first spares registering its metrics again.
+                let (stats, health, close) = match earlier.get(&(label.as_str(), &target)) {
+                    Some(old) => (
+                        Arc::clone(&old.stats),
+                        Arc::clone(&old.health),
+                        old.close.clone(),
+                    ),
+                    None => (
+                        Arc::new(PeerStats::new(&config.name, &label)),
+                        Arc::default(),
+                        CancellationToken::new(),
+                    ),
+                };
+                peers.push(Peer {
+                    stats,
                     label,
                     target,
                     server: server.clone(),
                     tls: tls.clone(),
-                    health: Arc::default(),
+                    health,
                     weight: effective.weight,
                     max_conns: effective.max_conns,
                     down: effective.down,
                     draining: effective.draining,
-                    close: CancellationToken::new(),
-                };
-                if let Some(old) =
-                    previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
-                {
-                    peer.health = Arc::clone(&old.health);
-                    peer.stats = Arc::clone(&old.stats);
-                    peer.close = old.close.clone();
-                }
-                peers.push(peer);
+                    close,
+                });
             }
         }
         runtime.forget_gone_peers(&server_labels, &peer_labels);

@@ -30,8 +30,9 @@ use crate::net::PeerTarget;
 /// The weights a runtime change may set, as the configuration's (SPEC §8).
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
 /// Servers the runtime API may add to one upstream, so a client cannot grow
-/// the group (and the hash ring) without limit.
-pub const MAX_ADDED_SERVERS: usize = 1000;
+/// the group (and the hash ring) without limit; every change rebuilds the
+/// group, so more belong in the configuration.
+pub const MAX_ADDED_SERVERS: usize = 256;
 
 /// A server's administrative state, as the runtime API and agents set it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
