@@ -194,3 +194,43 @@ async fn queue_and_queue_timeout_are_bounded() {
         assert!(stderr.contains(key), "{extra}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn raising_max_conns_through_the_runtime_api_lets_waiting_clients_through() {
+    let backend = Backend::tcp("a", Behavior::Announce).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = format!(
+        "{}\n[admin]\nbind = \"{admin}\"\n",
+        config(
+            &listen,
+            "",
+            "queue = 5\nqueue_timeout = \"20s\"",
+            &[server(backend.addr, "name = \"a\"\nmax_conns = 1")],
+        )
+    );
+    let _sluice = Sluice::start(&config).await;
+    let mut holder = TcpStream::connect(&listen).await.unwrap();
+    let mut name = [0u8; 1];
+    holder.read_exact(&mut name).await.unwrap();
+    let mut first = waiting_client(&listen, b"one").await;
+    wait_queued(&admin, 1).await;
+    let mut second = waiting_client(&listen, b"two").await;
+    wait_queued(&admin, 2).await;
+
+    let body = r#"{"max_conns": 3}"#;
+    let mut stream = TcpStream::connect(&admin).await.unwrap();
+    let request = format!(
+        "PATCH /api/upstreams/pool/servers/a HTTP/1.1\r\nHost: s\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // Both are served while the holder stays open.
+    assert!(served(&mut first, b"one").await);
+    assert!(served(&mut second, b"two").await);
+    wait_queued(&admin, 0).await;
+    drop(holder);
+    backend.finish().await;
+}

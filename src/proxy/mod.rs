@@ -82,8 +82,10 @@ pub async fn serve_connection(
     else {
         return;
     };
-    // The lease came from `group`, so its index names the same peer there.
-    let peer = &group.peers[lease.index()];
+    // The build the lease came from: the one accepted with, or a newer one
+    // for a client that waited in the queue.
+    let build = Arc::clone(lease.group());
+    let peer = &build.peers[lease.index()];
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
     // What was relayed so far, for the access line of a connection closed
@@ -203,17 +205,6 @@ async fn establish<'a>(
             }
         };
     }
-    let client_spoke = has_bytes_waiting(&client);
-    let mut candidates = GroupCandidates {
-        listener,
-        group,
-        client_addr,
-        key: hash_key(&group.balance, client_addr),
-        tried: Tried::default(),
-        proxy_header: &proxy_header,
-        client_spoke,
-        access: &mut access,
-    };
     let limits = RetryLimits {
         connect_timeout: context.config.connect_timeout,
         tries: context.config.next_upstream_tries,
@@ -224,16 +215,30 @@ async fn establish<'a>(
     let queue = &group.runtime.queue;
     let queue_limit = group.config.queue;
     let queue_deadline = Instant::now() + group.config.queue_timeout;
+    // A client that waited picks from the newest build: a runtime change
+    // (a higher max_conns, a server added) may be what freed its slot.
+    let mut build = Arc::clone(group);
     let mut turn = None;
     if queue_limit > 0 && queue.is_busy() {
         match queue.wait(queue_limit, queue_deadline, Place::Back).await {
             Ok(woken) => turn = Some(woken),
             Err(reason) => return turned_away(group, listener, client_addr, access, &reason),
         }
+        build = context.upstream.load_full();
     }
     let connected = loop {
+        let mut candidates = GroupCandidates {
+            listener,
+            group: &build,
+            client_addr,
+            key: hash_key(&build.balance, client_addr),
+            tried: Tried::default(),
+            proxy_header: &proxy_header,
+            client_spoke: has_bytes_waiting(&client),
+            access: &mut access,
+        };
         match connect_first(&mut candidates, limits).await {
-            Err(Unavailable::NoEligiblePeer) if queue_limit > 0 && group.has_full_peer() => {
+            Err(Unavailable::NoEligiblePeer) if queue_limit > 0 && build.has_full_peer() => {
                 let place = match turn.take() {
                     Some(turn) => {
                         turn.give_back();
@@ -247,6 +252,7 @@ async fn establish<'a>(
                         return turned_away(group, listener, client_addr, access, &reason)
                     }
                 }
+                build = context.upstream.load_full();
             }
             connected => break connected,
         }

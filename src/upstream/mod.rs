@@ -376,6 +376,11 @@ impl Lease {
         &self.upstream.peers[self.index]
     }
 
+    /// The group build the lease came from.
+    pub fn group(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
     /// The peer's position in the group build the lease came from.
     pub fn index(&self) -> usize {
         self.index
