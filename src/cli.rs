@@ -164,6 +164,7 @@ pub fn main() -> ExitCode {
         runtime.block_on(async {
             let upstreams = server::resolve_upstreams(&config).await?;
             server::listener_contexts(&config, &upstreams)?;
+            server::check_admin(&config)?;
             print!("{}", server::summary(&config, &upstreams));
             println!("configuration {} is valid", source.display());
             Ok(())

@@ -871,6 +871,16 @@ async fn the_token_file_is_bounded_and_must_hold_one_word() {
             &free_addr(),
             &format!("token_file = \"{}\"", token_file.display()),
         );
+        // `--check` reads it too.
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let (code, _, stderr) = run_sluice(
+            &["--check", "--config", config_path.to_str().unwrap()],
+            &[],
+            dir.path(),
+        );
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
         let mut sluice = Sluice::spawn(&text, &[]);
         let status = sluice.wait_exit(WAIT).await.expect("sluice did not exit");
         assert_eq!(status.code(), Some(1), "{}", sluice.log_text());
@@ -966,6 +976,29 @@ async fn at_most_256_servers_are_added_to_one_upstream() {
         "{error}"
     );
     assert_eq!(peers(&status(&admin).await).len(), 257);
+    for backend in backends {
+        backend.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn ctl_speaks_to_an_admin_endpoint_on_a_unix_socket() {
+    let backends = announcing(&["a", "b"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let admin = format!("unix:{}", socket.display());
+    let listen = free_addr();
+    let _sluice = Sluice::start(&with_admin(
+        config(&listen, "", "", &servers(&backends)),
+        &admin,
+        "",
+    ))
+    .await;
+    // A UNIX socket takes writes without a token.
+    let (code, out, err) = ctl(&admin, &["drain", "pool", "a"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(row(&out, "a")[3], "draining", "{out}");
+    assert_eq!(names_of_next(&listen, 3).await, "bbb");
     for backend in backends {
         backend.finish().await;
     }

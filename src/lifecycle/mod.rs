@@ -77,11 +77,26 @@ pub fn listener_contexts(
         .collect()
 }
 
+/// What `--check` verifies of `[admin]` beyond parsing: the token file reads.
+pub fn check_admin(config: &Config) -> Result<(), StartError> {
+    match config
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.token_file.as_ref())
+    {
+        Some(path) => read_token(path).map(drop).map_err(StartError::Config),
+        None => Ok(()),
+    }
+}
+
 /// What `--check` prints: the configuration as sluice will run it.
 pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) -> String {
     let mut out = String::new();
     if let Some(admin) = &config.admin {
         let _ = writeln!(out, "admin endpoint on {}", admin.bind);
+        if let Some(path) = &admin.state_file {
+            let _ = writeln!(out, "  runtime changes kept in {}", path.display());
+        }
     }
     for listener in &config.listeners {
         let _ = writeln!(
@@ -110,9 +125,16 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
         }
     }
     for upstream in upstreams.values().map(|shared| shared.load()) {
+        let queue = match upstream.config.queue {
+            0 => String::new(),
+            queue => format!(
+                " queue {queue} queue_timeout {}",
+                humantime::format_duration(upstream.config.queue_timeout)
+            ),
+        };
         let _ = writeln!(
             out,
-            "upstream {:?} balance {}",
+            "upstream {:?} balance {}{queue}",
             upstream.name,
             upstream.balance.name()
         );
@@ -270,7 +292,7 @@ pub async fn run(
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// The bearer token in `path`: its content without surrounding whitespace.
-fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
+pub fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
     use std::io::Read;
     let fail = |reason: String| {
         ValueError::Unplaced(format!("[admin] token_file {}: {reason}", path.display()))
