@@ -644,13 +644,15 @@ async fn the_state_file_survives_a_restart_and_a_corrupt_one_is_ignored() {
     // Unknown upstreams and servers are reported and the rest applied.
     std::fs::write(
         &state_file,
-        r#"{"version": 1, "upstreams": {"pool": {"servers": {"a": {"weight": 4}, "zz": {"state": "down"}}}, "gone": {}}}"#,
+        r#"{"version": 1, "upstreams": {"pool": {"servers": {"a": {"weight": 4}, "b": {"weight": 0}, "zz": {"state": "down"}}}, "gone": {}}}"#,
     )
     .unwrap();
     let sluice = Sluice::start(&config_text).await;
     let group = status(&admin).await["upstreams"]["pool"].clone();
     assert_eq!(peer(&group, "a").unwrap()["weight"], 4);
+    assert_eq!(peer(&group, "b").unwrap()["weight"], 1);
     let log = sluice.log_text();
+    assert!(log.contains("out of range"), "{log}");
     assert!(
         log.contains("server=\"zz\"") || log.contains("server=zz"),
         "{log}"

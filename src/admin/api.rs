@@ -20,17 +20,13 @@ use crate::config::{Address, ServerConfig};
 use crate::net::ClientAddr;
 use crate::upstream::runtime::{
     self, AddedServer, RebuildError, ServerState, Source, UnknownServer, MAX_ADDED_SERVERS,
-    WEIGHT_RANGE,
+    MAX_CONNS_LIMIT, MAX_NAME_LEN, WEIGHT_RANGE,
 };
 use crate::upstream::state_file;
 use crate::upstream::{resolve_address, Peer, SharedUpstream, Upstream};
 
 /// The largest request body read; a change is a few fields.
 pub const MAX_BODY: usize = 4096;
-/// The longest upstream or server name, and address, accepted.
-pub const MAX_NAME_LEN: usize = 128;
-/// The most `max_conns` may be set to.
-pub const MAX_MAX_CONNS: u32 = 1_000_000;
 /// How long a request body may take to arrive, so a stalled client does
 /// not hold its connection for ever.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -416,7 +412,7 @@ fn patch(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     known_fields(&body, &["state", "weight", "max_conns"])?;
     let weight = integer(&body, "weight", WEIGHT_RANGE)?;
-    let max_conns = integer(&body, "max_conns", 0..=MAX_MAX_CONNS)?;
+    let max_conns = integer(&body, "max_conns", 0..=MAX_CONNS_LIMIT)?;
     let server_state = match text(&body, "state")? {
         None => None,
         Some("up") => Some(ServerState::Up),
@@ -479,7 +475,7 @@ async fn add(
         .map_err(|err| ApiError::field("address", format!("address {address_text:?}: {err}")))?;
     let name = text(&body, "name")?.map(str::to_owned);
     let weight = integer(&body, "weight", WEIGHT_RANGE)?.unwrap_or(1);
-    let max_conns = integer(&body, "max_conns", 0..=MAX_MAX_CONNS)?.unwrap_or(0);
+    let max_conns = integer(&body, "max_conns", 0..=MAX_CONNS_LIMIT)?.unwrap_or(0);
     let config = ServerConfig::added_at_runtime(address, name, weight, max_conns);
     let label = config.label();
     let targets =

@@ -29,6 +29,10 @@ use crate::net::PeerTarget;
 
 /// The weights a runtime change may set, as the configuration's (SPEC §8).
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// The longest upstream or server name, and address, the API accepts.
+pub const MAX_NAME_LEN: usize = 128;
+/// The most `max_conns` a runtime change may set.
+pub const MAX_CONNS_LIMIT: u32 = 1_000_000;
 /// Servers the runtime API may add to one upstream, so a client cannot grow
 /// the group (and the hash ring) without limit; every change rebuilds the
 /// group, so more belong in the configuration.
@@ -78,6 +82,13 @@ pub struct Overrides {
 impl Overrides {
     fn is_empty(&self) -> bool {
         *self == Overrides::default()
+    }
+
+    /// Whether every value set is within what the API accepts.
+    pub fn is_valid(&self) -> bool {
+        self.weight
+            .is_none_or(|weight| WEIGHT_RANGE.contains(&weight))
+            && self.max_conns.is_none_or(|max| max <= MAX_CONNS_LIMIT)
     }
 }
 

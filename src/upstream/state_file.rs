@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::resolve_address;
-use super::runtime::{AddedServer, ApiLayer, Overrides, MAX_ADDED_SERVERS, WEIGHT_RANGE};
+use super::runtime::{
+    AddedServer, ApiLayer, Overrides, MAX_ADDED_SERVERS, MAX_CONNS_LIMIT, MAX_NAME_LEN,
+    WEIGHT_RANGE,
+};
 use crate::config::{Address, Config, ServerConfig, UpstreamConfig};
 
 /// The largest state file read: far above what the API's own bounds
@@ -118,6 +121,15 @@ async fn added_server(stored: &StoredServer) -> Result<AddedServer, String> {
     if !WEIGHT_RANGE.contains(&stored.weight) {
         return Err(format!("weight {} is not 1-1000", stored.weight));
     }
+    if stored.max_conns > MAX_CONNS_LIMIT {
+        return Err(format!(
+            "max_conns {} is over {MAX_CONNS_LIMIT}",
+            stored.max_conns
+        ));
+    }
+    if stored.name.is_empty() || stored.name.len() > MAX_NAME_LEN {
+        return Err(format!("name must be 1 to {MAX_NAME_LEN} bytes long"));
+    }
     let address = stored
         .address
         .parse::<Address>()
@@ -198,7 +210,13 @@ pub fn layer_for(config: &UpstreamConfig, stored: Option<&ApiLayer>) -> ApiLayer
                 .added
                 .iter()
                 .any(|added| added.config.label() == *label);
-        if known(label) && !removed {
+        if !overrides.is_valid() {
+            warn!(
+                upstream = config.name.as_str(),
+                server = label.as_str(),
+                "state_file: weight (1-1000) or max_conns (at most 1000000) out of range; entry ignored"
+            );
+        } else if known(label) && !removed {
             layer.overrides.insert(label.clone(), overrides.clone());
         } else {
             warn!(
