@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::limits::MAX_DURATION;
 use crate::config::{quoted, AdminConfig, Config};
+use crate::ctl::{self, CtlArgs};
 use crate::lifecycle::config_watch::ConfigWatch;
 use crate::lifecycle::{self, supervisor, workers, StartError};
 
@@ -52,6 +53,15 @@ pub struct Cli {
     /// the process may use).
     #[arg(long, env = "SLUICE_WORKERS", value_name = "N")]
     pub workers: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Control a running sluice through its runtime API: status, drain, up,
+    /// down, weight, max-conns, add, remove.
+    Ctl(CtlArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,10 +89,13 @@ pub fn main() -> ExitCode {
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
-    let (cli, matches) = match parsed {
+    let (mut cli, matches) = match parsed {
         Ok(parsed) => parsed,
         Err(err) => return command_line_error(err),
     };
+    if let Some(Command::Ctl(args)) = cli.command.take() {
+        return ctl::main(args);
+    }
     // Checked here, not by clap, so that $SLUICE_CONFIG in the environment
     // does not count as a conflicting --config.
     if cli.fluent_bit.is_some() && matches.value_source("config") == Some(ValueSource::CommandLine)
@@ -160,6 +173,7 @@ pub fn main() -> ExitCode {
             let upstreams = supervisor::check(&config)
                 .await
                 .map_err(StartError::Config)?;
+            lifecycle::check_admin(&config)?;
             print!("{}", lifecycle::summary(&config, &upstreams));
             println!("configuration {} is valid", source.display());
             Ok(())
@@ -203,7 +217,16 @@ fn watch_interval(value: Option<&str>) -> Result<Option<Duration>, String> {
 fn apply_admin_flag(config: &mut Config, flag: Option<&str>) -> Result<(), String> {
     if let Some(address) = flag {
         let bind = address.parse().map_err(|err| format!("--admin: {err}"))?;
-        config.admin = Some(AdminConfig { bind });
+        match &mut config.admin {
+            Some(admin) => admin.bind = bind,
+            None => {
+                config.admin = Some(AdminConfig {
+                    bind,
+                    token_file: None,
+                    state_file: None,
+                })
+            }
+        }
     }
     Ok(())
 }

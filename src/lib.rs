@@ -2,12 +2,14 @@
 //!
 //! Layers, each importing only those below it (ARCHITECTURE.md draws them):
 //! `config`, `balancer`, `metrics` at the bottom; then `tls`, `net`,
-//! `upstream`, `proxy`, `admin`, `lifecycle`, and `cli` on top.
+//! `upstream`, `proxy`, `admin`, `lifecycle`, and `cli` (with `ctl`, its
+//! runtime API client) on top.
 
 pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;

@@ -20,6 +20,8 @@ pub mod names {
     pub const UPSTREAM_SERVER_UP: &str = "sluice_upstream_server_up";
     pub const UPSTREAM_UNAVAILABLE_TOTAL: &str = "sluice_upstream_unavailable_total";
     pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_seconds";
+    pub const UPSTREAM_QUEUED: &str = "sluice_upstream_queued";
+    pub const UPSTREAM_DRAINING_CONNECTIONS: &str = "sluice_upstream_draining_connections";
 }
 
 /// Upper bounds of the connect-duration buckets, in seconds: loopback and
@@ -107,6 +109,14 @@ fn describe() {
     describe_counter!(
         names::UPSTREAM_UNAVAILABLE_TOTAL,
         "Client connections closed because no server of the group could take them."
+    );
+    describe_gauge!(
+        names::UPSTREAM_QUEUED,
+        "Clients waiting for a free slot because every server is at max_conns."
+    );
+    describe_gauge!(
+        names::UPSTREAM_DRAINING_CONNECTIONS,
+        "Connections left on a draining server (runtime API or agent drain)."
     );
     describe_histogram!(
         names::UPSTREAM_CONNECT_DURATION,

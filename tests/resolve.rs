@@ -273,3 +273,45 @@ async fn a_short_record_ttl_re_resolves_before_resolve_interval() {
         backend.finish().await;
     }
 }
+
+/// A PATCH through the admin endpoint; the status code.
+async fn patch(admin: &str, path: &str, body: &str) -> u16 {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let request = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: s\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// An aggregator's preStop drains its own address (one peer of a
+/// re-resolved name); once DNS drops the address, its drain is forgotten, so
+/// a new pod on the same address later starts in rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_of_a_resolved_name_is_drained_on_its_own_until_dns_drops_it() {
+    let (port, backends) = backends_on_one_port().await;
+    let dns = DnsServer::start(&[A_IP, B_IP], 300).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = format!(
+        "{}\n[admin]\nbind = \"{admin}\"\n",
+        resolving_config(&listen, dns.addr, port, "200ms")
+    );
+    let sluice = Sluice::start(&config).await;
+    assert_eq!(names(&listen, 4).await, "abab");
+    let peer = format!("/api/upstreams/pool/servers/pool@127.0.0.2:{port}");
+    assert_eq!(patch(&admin, &peer, r#"{"state": "drain"}"#).await, 200);
+    assert_eq!(names(&listen, 4).await, "bbbb");
+
+    dns.set(&[B_IP]);
+    assert!(wait_until(Duration::from_secs(5), || changes(&sluice) == 1).await);
+    dns.set(&[A_IP, B_IP]);
+    assert!(wait_until(Duration::from_secs(5), || changes(&sluice) == 2).await);
+    let order = names(&listen, 4).await;
+    assert_eq!(order.matches('a').count(), 2, "{order}");
+    for backend in backends {
+        backend.finish().await;
+    }
+}

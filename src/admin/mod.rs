@@ -1,14 +1,15 @@
 //! The admin HTTP endpoint (SPEC §5): `/metrics`, `/healthz`, `/readyz`,
 //! `/status` and the status page (SPEC §12) on one small hyper server, on
-//! TCP or a UNIX socket.
+//! TCP or a UNIX socket; the runtime API (SPEC §10) under `/api/`.
 
+pub mod api;
 mod status_page;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -46,6 +47,8 @@ pub struct AdminState {
     metrics: PrometheusHandle,
     upstreams: ArcSwap<BTreeMap<String, SharedUpstream>>,
     listeners: ArcSwap<Vec<ListenerReport>>,
+    /// Set once at start when there is an admin endpoint.
+    api: OnceLock<api::ApiSettings>,
 }
 
 impl AdminState {
@@ -59,7 +62,23 @@ impl AdminState {
             metrics,
             upstreams: ArcSwap::from_pointee(upstreams),
             listeners: ArcSwap::from_pointee(Vec::new()),
+            api: OnceLock::new(),
         })
+    }
+
+    /// Who may write through the runtime API; set once, at start.
+    pub fn set_api_settings(&self, settings: api::ApiSettings) {
+        let _ = self.api.set(settings);
+    }
+
+    /// Writes the runtime changes to `[admin] state_file`, if set: after a
+    /// reload, which drops those of servers no longer configured.
+    pub fn save_runtime_state(&self) {
+        api::save(self);
+    }
+
+    fn api_settings(&self) -> Option<&api::ApiSettings> {
+        self.api.get()
     }
 
     /// Every listener is bound: `/readyz` answers 200 (unless draining).
@@ -138,6 +157,7 @@ impl AdminState {
             let group = shared.load();
             for (index, peer) in group.peers.iter().enumerate() {
                 peer.stats.refresh_up(group.peer_state(index));
+                peer.stats.refresh_draining(peer.draining);
             }
         }
         self.metrics.render()
@@ -214,6 +234,8 @@ struct ListenerStatus {
 #[derive(Debug, Serialize)]
 struct UpstreamStatus {
     balance: &'static str,
+    /// Clients waiting for a free slot (SPEC §11).
+    queued: usize,
     peers: Vec<PeerStatus>,
 }
 
@@ -223,7 +245,8 @@ struct PeerStatus {
     name: String,
     /// The address connected to.
     address: String,
-    /// `up`, `failed`, `down`, or `backup` for a backup peer that is up.
+    /// `up`, `failed`, `down`, `draining` (runtime drain; `active` is the
+    /// count left), or `backup` for a backup peer that is up.
     state: &'static str,
     /// Whole seconds since the peer entered `state` (sampled every second),
     /// or since it was built if it has not changed state since.
@@ -244,6 +267,7 @@ struct PeerStatus {
 /// Peer `index`'s state as `/status` names it.
 fn state_name(group: &Upstream, index: usize) -> &'static str {
     match group.peer_state(index) {
+        PeerState::Down if group.peers[index].draining => "draining",
         PeerState::Down => "down",
         PeerState::Failed => "failed",
         PeerState::Up if group.peers[index].server.backup => "backup",
@@ -273,8 +297,8 @@ fn upstream_status(group: &Upstream, now: SystemTime) -> UpstreamStatus {
                 state,
                 state_since_seconds: now.duration_since(since).unwrap_or_default().as_secs(),
                 backup: peer.server.backup,
-                weight: peer.server.weight,
-                max_conns: peer.server.max_conns,
+                weight: peer.weight,
+                max_conns: peer.max_conns,
                 active: stats.active,
                 total: stats.total,
                 failures: stats.failures,
@@ -287,6 +311,7 @@ fn upstream_status(group: &Upstream, now: SystemTime) -> UpstreamStatus {
         .collect();
     UpstreamStatus {
         balance: group.balance.name(),
+        queued: group.runtime.queue.len(),
         peers,
     }
 }
@@ -335,8 +360,8 @@ pub async fn serve(address: &Address, state: Arc<AdminState>) -> Result<(), Admi
 async fn accept_loop(socket: BoundSocket, acceptor: Acceptor, state: Arc<AdminState>) {
     let _socket = socket;
     loop {
-        let stream = match acceptor.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match acceptor.accept().await {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // Out of descriptors, most likely: give connections time to close.
                 warn!(reason = %err, "admin endpoint: accept failed");
@@ -346,9 +371,16 @@ async fn accept_loop(socket: BoundSocket, acceptor: Acceptor, state: Arc<AdminSt
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = state.answer(&request);
-                async move { Ok::<_, Infallible>(response) }
+            let service = service_fn(move |request: Request<Incoming>| {
+                let state = Arc::clone(&state);
+                async move {
+                    let response = if request.uri().path().starts_with("/api/") {
+                        api::handle(&state, request, peer).await
+                    } else {
+                        state.answer(&request)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(err) = http1::Builder::new()
                 .timer(TokioTimer::new())

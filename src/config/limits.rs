@@ -37,4 +37,10 @@ pub const MAX_SERVERS: usize = 50_000;
 pub const MAX_LISTENERS: usize = 1000;
 
 /// Characters of a key or value an error quotes.
+/// The most clients one upstream's queue may hold (SPEC §11).
+pub const MAX_QUEUE: u32 = 100_000;
+
+/// The longest a client may wait in a queue.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 pub const QUOTE_CHARS: usize = 100;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
@@ -59,6 +60,10 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub bind: Address,
+    /// Holds the bearer token runtime API writes must carry (SPEC §10).
+    pub token_file: Option<PathBuf>,
+    /// Where runtime API changes are kept across reloads and restarts.
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +77,10 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// Name servers for `resolve = true` servers; empty: the system's (`/etc/resolv.conf`).
     pub resolver: Vec<SocketAddr>,
+    /// Clients that may wait for a free slot when every peer is at
+    /// `max_conns` (SPEC §11); `0`: none wait.
+    pub queue: u32,
+    pub queue_timeout: Duration,
 }
 
 /// `[upstream.NAME.health_check]`: active checks of every peer of the group.
@@ -141,6 +150,38 @@ impl Syntax {
 }
 
 impl ServerConfig {
+    /// A server added through the runtime API (SPEC §10): plain (no TLS),
+    /// the defaults of §2 for what the request does not set.
+    pub fn added_at_runtime(
+        address: Address,
+        name: Option<String>,
+        weight: u32,
+        max_conns: u32,
+    ) -> ServerConfig {
+        ServerConfig {
+            address,
+            address_line: KeyLine {
+                file: PathBuf::from("runtime API"),
+                line: 0,
+                quote: None,
+            },
+            name,
+            weight,
+            max_conns,
+            max_fails: server_defaults::MAX_FAILS,
+            fail_timeout: server_defaults::FAIL_TIMEOUT,
+            backup: false,
+            down: false,
+            slow_start: Duration::ZERO,
+            resolve: false,
+            resolve_interval: server_defaults::RESOLVE_INTERVAL,
+            tls: None,
+            tls_lines: FileLines::default(),
+            syntax: Syntax::Toml,
+            plugin_keys: Vec::new(),
+        }
+    }
+
     /// The name used in metrics, logs and `/status`: `name`, else the address as written.
     pub fn label(&self) -> String {
         self.name

@@ -14,10 +14,12 @@ pub mod workers;
 
 pub use summary::summary;
 
+use crate::admin::api::ApiSettings;
 use crate::admin::{self, AdminBindError, AdminState};
 use crate::config::{Config, ValueError};
 use crate::metrics::{self, MetricsError};
 use crate::net::listen::BindError;
+use crate::upstream::state_file::{self, Seed};
 use config_watch::ConfigWatch;
 use supervisor::{PrepareError, Supervisor};
 use workers::Workers;
@@ -99,9 +101,19 @@ pub async fn run(
     // refused connection) while upstreams resolve and listeners bind.
     let admin = AdminState::new(metrics, BTreeMap::new());
     if let Some(admin_config) = &config.admin {
+        let token = match &admin_config.token_file {
+            Some(path) => Some(read_token(path).map_err(StartError::Config)?),
+            None => None,
+        };
+        let settings = ApiSettings::new(&admin_config.bind, token, admin_config.state_file.clone());
+        if settings.reachable_without_token() {
+            warn!(address = %admin_config.bind, "the admin endpoint is reachable from other hosts and [admin] token_file is not set: runtime API writes are refused, reads (/status, /metrics, GET /api) are open to anyone who can connect");
+        }
+        admin.set_api_settings(settings);
         admin::serve(&admin_config.bind, Arc::clone(&admin)).await?;
     }
-    let mut supervisor = Supervisor::start(config, workers.handles().to_vec()).await?;
+    let seed = load_state_file(&config).await;
+    let mut supervisor = Supervisor::start(config, workers.handles().to_vec(), &seed).await?;
     admin.set_upstreams(supervisor.upstreams());
     admin.set_listeners(supervisor.listeners());
     admin.set_listening();
@@ -137,6 +149,56 @@ pub async fn run(
     Ok(())
 }
 
+/// What `--check` verifies of `[admin]` beyond parsing: the token file reads.
+pub fn check_admin(config: &Config) -> Result<(), StartError> {
+    match config
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.token_file.as_ref())
+    {
+        Some(path) => read_token(path).map(drop).map_err(StartError::Config),
+        None => Ok(()),
+    }
+}
+
+/// The largest `[admin] token_file` read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The bearer token in `path`: its content without surrounding whitespace.
+pub fn read_token(path: &std::path::Path) -> Result<String, ValueError> {
+    use std::io::Read;
+    let fail = |reason: String| {
+        ValueError::Unplaced(format!("[admin] token_file {}: {reason}", path.display()))
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text))
+        .map_err(|err| fail(err.to_string()))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(fail(format!("larger than {MAX_TOKEN_FILE} bytes")));
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(fail("the file is empty".to_owned()));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(fail("the token must be one word".to_owned()));
+    }
+    Ok(token.to_owned())
+}
+
+/// The runtime changes of `[admin] state_file`; none without one.
+async fn load_state_file(config: &Config) -> Seed {
+    match config
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.state_file.as_ref())
+    {
+        Some(path) => state_file::load(path).await,
+        None => Seed::new(),
+    }
+}
+
 /// One reload: the new configuration is read and checked first; any error
 /// leaves the running one untouched.
 async fn reload_from(
@@ -153,9 +215,12 @@ async fn reload_from(
         }
     };
     let admin_moved = config.admin != supervisor.config().admin;
-    match supervisor.reload(config).await {
+    // The running [admin] settings hold: they change only at a restart.
+    let seed = load_state_file(supervisor.config()).await;
+    match supervisor.reload(config, &seed).await {
         Ok(summary) => {
             admin.set_upstreams(supervisor.upstreams());
+            admin.save_runtime_state();
             admin.set_listeners(supervisor.listeners());
             info!(changes = %summary, "configuration reloaded");
             if admin_moved {

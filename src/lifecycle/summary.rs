@@ -22,6 +22,9 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, Arc<Upstream>>) -> 
     );
     if let Some(admin) = &config.admin {
         let _ = writeln!(out, "admin endpoint on {}", admin.bind);
+        if let Some(path) = &admin.state_file {
+            let _ = writeln!(out, "  runtime changes kept in {}", path.display());
+        }
     }
     for listener in &config.listeners {
         let _ = writeln!(
@@ -59,9 +62,16 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, Arc<Upstream>>) -> 
         let Some(config) = config.upstreams.get(name) else {
             continue;
         };
+        let queue = match config.queue {
+            0 => String::new(),
+            queue => format!(
+                " queue {queue} queue_timeout {}",
+                humantime::format_duration(config.queue_timeout)
+            ),
+        };
         let _ = writeln!(
             out,
-            "upstream {:?} balance {}",
+            "upstream {:?} balance {}{queue}",
             upstream.name,
             balance(&upstream.balance)
         );

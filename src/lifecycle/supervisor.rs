@@ -20,6 +20,8 @@ use crate::net::listen::{
     accept_loop, bind, BindError, BoundSocket, ListenerCounts, ListenerReport,
 };
 use crate::proxy::{serve_connection, ListenerContext};
+use crate::upstream::runtime::Runtime;
+use crate::upstream::state_file::{self, Seed};
 use crate::upstream::task::UpstreamTask;
 use crate::upstream::{self, SharedUpstream, Upstream};
 
@@ -84,24 +86,35 @@ struct Built {
 async fn build(
     config: &Config,
     running: &BTreeMap<String, RunningUpstream>,
+    seed: &Seed,
 ) -> Result<Built, ValueError> {
+    state_file::warn_unknown_upstreams(seed, config);
     let mut upstreams = Vec::with_capacity(config.upstreams.len());
     for (name, upstream) in &config.upstreams {
+        let layer = state_file::layer_for(upstream, seed.get(name));
         let plan = match running.get(name) {
             Some(running) => {
                 let old = running.shared.load_full();
-                let build = Upstream::resolve(upstream, Some(&old)).await?;
+                let same_runtime = old.runtime.api_layer() == layer;
+                let runtime = old.runtime.successor(layer);
+                let build = Upstream::resolve(upstream, Some(&old), runtime).await?;
                 // A group with TLS is always rebuilt, so a reload
                 // re-reads its certificate files.
                 let uses_tls = build.peers.iter().any(|peer| peer.tls.is_some());
-                if running.config == *upstream && same_peers(&old, &build) && !uses_tls {
+                if running.config == *upstream
+                    && same_peers(&old, &build)
+                    && !uses_tls
+                    && same_runtime
+                {
                     UpstreamPlan::Keep
                 } else {
                     UpstreamPlan::Replace(build)
                 }
             }
             None => {
-                let build = Upstream::resolve(upstream, None).await?;
+                let runtime = Runtime::new(upstream);
+                runtime.replace_api_layer(layer);
+                let build = Upstream::resolve(upstream, None, runtime).await?;
                 UpstreamPlan::New(Arc::new(ArcSwap::from_pointee(build)))
             }
         };
@@ -135,7 +148,7 @@ async fn build(
 /// `--check`: builds everything `config` describes without binding or
 /// starting anything, and returns each upstream's group for the summary.
 pub async fn check(config: &Config) -> Result<BTreeMap<String, Arc<Upstream>>, ValueError> {
-    let built = build(config, &BTreeMap::new()).await?;
+    let built = build(config, &BTreeMap::new(), &Seed::new()).await?;
     Ok(built
         .upstreams
         .into_iter()
@@ -170,8 +183,13 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Builds and starts everything the configuration describes, with the
-    /// listeners' connections served on `workers`.
-    pub async fn start(config: Config, workers: Vec<Handle>) -> Result<Supervisor, PrepareError> {
+    /// listeners' connections served on `workers` and the runtime changes
+    /// in `seed` (the state file's) applied.
+    pub async fn start(
+        config: Config,
+        workers: Vec<Handle>,
+        seed: &Seed,
+    ) -> Result<Supervisor, PrepareError> {
         let mut supervisor = Supervisor {
             config: config.clone(),
             listeners: BTreeMap::new(),
@@ -181,15 +199,20 @@ impl Supervisor {
             accept_loops: TaskTracker::new(),
             connections: TaskTracker::new(),
         };
-        let prepared = supervisor.prepare(config).await?;
+        let prepared = supervisor.prepare(config, seed).await?;
         supervisor.commit(prepared).await;
         Ok(supervisor)
     }
 
-    /// Replaces the running configuration with `config`. On error nothing
-    /// running has changed.
-    pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, PrepareError> {
-        let prepared = self.prepare(config).await?;
+    /// Replaces the running configuration with `config`, and the runtime
+    /// changes with those of `seed` (empty without a state file). On error
+    /// nothing running has changed.
+    pub async fn reload(
+        &mut self,
+        config: Config,
+        seed: &Seed,
+    ) -> Result<ReloadSummary, PrepareError> {
+        let prepared = self.prepare(config, seed).await?;
         Ok(self.commit(prepared).await)
     }
 
@@ -220,11 +243,11 @@ impl Supervisor {
     /// Builds what `config` describes (see [`build`]) and binds every
     /// listener socket it needs that is not open already. Changes nothing
     /// that runs.
-    async fn prepare(&self, config: Config) -> Result<Prepared, PrepareError> {
+    async fn prepare(&self, config: Config, seed: &Seed) -> Result<Prepared, PrepareError> {
         let Built {
             upstreams,
             contexts,
-        } = build(&config, &self.upstreams)
+        } = build(&config, &self.upstreams, seed)
             .await
             .map_err(PrepareError::Config)?;
         let mut listeners = Vec::with_capacity(contexts.len());
@@ -532,7 +555,7 @@ mod tests {
     }
 
     async fn start(config: Config) -> Supervisor {
-        Supervisor::start(config, vec![Handle::current()])
+        Supervisor::start(config, vec![Handle::current()], &Seed::new())
             .await
             .expect("started")
     }
@@ -547,7 +570,10 @@ mod tests {
         let config = config(&[("front", &socket_in(&dir, "front"))], &["127.0.0.1:1"]);
         let mut supervisor = start(config.clone()).await;
         let before = supervisor.upstreams()["pool"].load_full();
-        let summary = supervisor.reload(config).await.expect("reloaded");
+        let summary = supervisor
+            .reload(config, &Seed::new())
+            .await
+            .expect("reloaded");
         assert_eq!(summary.to_string(), "nothing changed");
         // The same build stays, with its round-robin position.
         assert!(Arc::ptr_eq(
@@ -568,10 +594,10 @@ mod tests {
         let shared = supervisor.upstreams()["pool"].clone();
         let kept_health = Arc::clone(&shared.load().peers[1].health);
         let summary = supervisor
-            .reload(config(
-                &[("front", &front)],
-                &["127.0.0.1:2", "127.0.0.1:3"],
-            ))
+            .reload(
+                config(&[("front", &front)], &["127.0.0.1:2", "127.0.0.1:3"]),
+                &Seed::new(),
+            )
             .await
             .expect("reloaded");
         assert_eq!(
@@ -591,10 +617,13 @@ mod tests {
         let a_address = listener_address(&supervisor, "a");
         // Renamed: the new name takes the running socket instead of binding again.
         let summary = supervisor
-            .reload(config(
-                &[("b", &socket_in(&dir, "b")), ("c", &a_address)],
-                &["127.0.0.1:1"],
-            ))
+            .reload(
+                config(
+                    &[("b", &socket_in(&dir, "b")), ("c", &a_address)],
+                    &["127.0.0.1:1"],
+                ),
+                &Seed::new(),
+            )
             .await
             .expect("reloaded");
         assert_eq!(
@@ -614,10 +643,13 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
         let taken_address = taken.local_addr().expect("an address").to_string();
         let err = supervisor
-            .reload(config(
-                &[("front", &front), ("second", &taken_address)],
-                &["127.0.0.1:9"],
-            ))
+            .reload(
+                config(
+                    &[("front", &front), ("second", &taken_address)],
+                    &["127.0.0.1:9"],
+                ),
+                &Seed::new(),
+            )
             .await
             .expect_err("the address is in use");
         assert!(matches!(err, PrepareError::Bind(_)), "{err}");

@@ -10,6 +10,7 @@ pub mod retry;
 mod splice;
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,11 +24,12 @@ use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError}
 use crate::net::connect::{connect_within, Connected};
 use crate::net::{ClientAddr, Stream};
 use crate::tls::{self, handshake_errors::HandshakeErrors};
+use crate::upstream::queue::Place;
 use crate::upstream::{Attempt, Lease, SharedUpstream, Upstream};
 use access_log::{AccessRecord, Close, TryOutcome};
 use proxy_protocol::Origin;
 use relay::{relay, RelayEnd, RelayOutcome, Side};
-use retry::{connect_first, AttemptError, Candidates, RetryLimits};
+use retry::{connect_first, AttemptError, Candidates, RetryLimits, Unavailable};
 
 /// What a listener's connections need: its settings and its upstream group.
 /// A reload stores a new context; connections keep the one they started with.
@@ -84,17 +86,35 @@ pub async fn serve_connection(
     else {
         return;
     };
-    // The lease came from `group`, so its index names the same peer there.
-    let peer = &group.peers[lease.index()];
+    // The build the lease came from: the one accepted with, or a newer one
+    // for a client that waited in the queue.
+    let build = Arc::clone(lease.group());
+    let peer = &build.peers[lease.index()];
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
-    let outcome = relay_streams(
-        &mut client,
-        &mut upstream_stream,
-        context.config.idle_timeout,
-        |sent, received| peer.stats.relayed(sent, received),
-    )
-    .await;
+    // What was relayed so far, for the access line of a connection closed
+    // through the runtime API.
+    let (total_sent, total_received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let outcome = tokio::select! {
+        outcome = relay_streams(
+            &mut client,
+            &mut upstream_stream,
+            context.config.idle_timeout,
+            |sent, received| {
+                peer.stats.relayed(sent, received);
+                total_sent.fetch_add(sent, Ordering::Relaxed);
+                total_received.fetch_add(received, Ordering::Relaxed);
+            },
+        ) => outcome,
+        () = peer.close.cancelled() => RelayOutcome {
+            sent: total_sent.load(Ordering::Relaxed),
+            received: total_received.load(Ordering::Relaxed),
+            end: RelayEnd::Error(
+                Side::Upstream,
+                std::io::Error::other("closed through the runtime API (DELETE ?force=true)"),
+            ),
+        },
+    };
     // Free the peer before reporting, so whoever reads the report sees it free.
     drop(lease);
     let listener = context.config.name.as_str();
@@ -191,23 +211,61 @@ async fn establish<'a>(
             }
         };
     }
-    let client_spoke = has_bytes_waiting(&client);
-    let mut candidates = GroupCandidates {
-        listener,
-        group,
-        client_addr,
-        key: hash_key(&group.balance, client_addr),
-        tried: Tried::default(),
-        proxy_header: &proxy_header,
-        client_spoke,
-        access: &mut access,
-    };
     let limits = RetryLimits {
         connect_timeout: context.config.connect_timeout,
         tries: context.config.next_upstream_tries,
         total: context.config.next_upstream_timeout,
     };
-    match connect_first(&mut candidates, limits).await {
+    // When every peer is at max_conns, the client may wait for a slot (SPEC
+    // §11); while others wait, it queues behind them.
+    let queue = &group.runtime.queue;
+    let queue_limit = group.config.queue;
+    let queue_deadline = Instant::now() + group.config.queue_timeout;
+    // A client that waited picks from the newest build: a runtime change
+    // (a higher max_conns, a server added) may be what freed its slot.
+    let mut build = Arc::clone(group);
+    let mut turn = None;
+    if queue_limit > 0 && queue.is_busy() {
+        match queue.wait(queue_limit, queue_deadline, Place::Back).await {
+            Ok(woken) => turn = Some(woken),
+            Err(reason) => return turned_away(group, listener, client_addr, access, &reason),
+        }
+        build = context.upstream.load_full();
+    }
+    let connected = loop {
+        let mut candidates = GroupCandidates {
+            listener,
+            group: &build,
+            client_addr,
+            key: hash_key(&build.balance, client_addr),
+            tried: Tried::default(),
+            proxy_header: &proxy_header,
+            client_spoke: has_bytes_waiting(&client),
+            access: &mut access,
+        };
+        match connect_first(&mut candidates, limits).await {
+            Err(Unavailable::NoEligiblePeer) if queue_limit > 0 && build.has_full_peer() => {
+                let place = match turn.take() {
+                    Some(turn) => {
+                        turn.give_back();
+                        Place::Front
+                    }
+                    None => Place::Back,
+                };
+                match queue.wait(queue_limit, queue_deadline, place).await {
+                    Ok(woken) => turn = Some(woken),
+                    Err(reason) => {
+                        return turned_away(group, listener, client_addr, access, &reason)
+                    }
+                }
+                build = context.upstream.load_full();
+            }
+            connected => break connected,
+        }
+    };
+    // Taken (or not): the next waiting client may try for another slot.
+    drop(turn);
+    match connected {
         Ok((attempt, upstream_stream)) => Some(Established {
             client,
             upstream_stream,
@@ -218,14 +276,23 @@ async fn establish<'a>(
             client_addr,
             access,
         }),
-        Err(reason) => {
-            // Dropping the client closes it at once with nothing written.
-            group.count_unavailable();
-            warn!(listener, upstream, client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
-            access.finish(None, 0, 0, Close::NoPeer(&reason));
-            None
-        }
+        Err(reason) => turned_away(group, listener, client_addr, access, &reason),
     }
+}
+
+/// No peer could take the client: it is closed at once with nothing
+/// written (dropping it closes it).
+fn turned_away<T>(
+    group: &Upstream,
+    listener: &str,
+    client_addr: ClientAddr,
+    access: AccessRecord<'_>,
+    reason: &(dyn std::fmt::Display + Sync),
+) -> Option<T> {
+    group.count_unavailable();
+    warn!(listener, upstream = group.name.as_str(), client = %client_addr, reason = %reason, "client turned away: no peer could take the connection");
+    access.finish(None, 0, 0, Close::NoPeer(reason));
+    None
 }
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;

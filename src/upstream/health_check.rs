@@ -45,8 +45,10 @@ async fn run(config: HealthCheckConfig, shared: SharedUpstream, stop: Cancellati
 async fn check_round(config: &Arc<HealthCheckConfig>, group: Arc<Upstream>) {
     let mut checks = JoinSet::new();
     for index in 0..group.peers.len() {
-        // A peer marked down is never used, so it is not checked either.
-        if group.peers[index].server.down {
+        // A peer marked down is never used, so it is not checked either; a
+        // draining one may come back, so its health is kept known.
+        let peer = &group.peers[index];
+        if peer.down && !peer.draining {
             continue;
         }
         let (config, group) = (Arc::clone(config), Arc::clone(&group));

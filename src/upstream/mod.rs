@@ -3,10 +3,14 @@
 //! (health checks, DNS re-resolution).
 
 pub mod health_check;
+pub mod queue;
 pub mod resolve;
+pub mod runtime;
+pub mod state_file;
 pub mod stats;
 pub mod task;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -18,8 +22,10 @@ use crate::balancer::{
 use crate::config::{Address, Balance, ConfigError, HashRing, ServerConfig, UpstreamConfig};
 use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
+use runtime::Runtime;
 use stats::{unavailable_counter, PeerStats};
 use task::UpstreamTask;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// One peer: a server of the configuration at one resolved address.
@@ -36,13 +42,24 @@ pub struct Peer {
     pub health: Arc<PeerHealth>,
     /// Shared like `health`.
     pub stats: Arc<PeerStats>,
+    /// The server's values after runtime overrides (SPEC §10): what the
+    /// selector is given.
+    pub weight: u32,
+    pub max_conns: u32,
+    pub down: bool,
+    /// Drained: not selected (`down` is set too), shown as `draining` while
+    /// connections are left.
+    pub draining: bool,
+    /// Cancelled to close every connection to the peer at once (`DELETE
+    /// ?force=true`); shared like `health`.
+    pub close: CancellationToken,
 }
 
 impl Peer {
-    /// Peers of two builds of a group are the same peer when they have the same
-    /// label and address; such a peer keeps its health across the rebuild.
-    fn same_as(&self, other: &Peer) -> bool {
-        self.label == other.label && self.target == other.target
+    /// Whether runtime changes to `label` apply to this peer: its server's
+    /// label, or its own.
+    pub fn answers_to(&self, label: &str) -> bool {
+        self.label == label || self.server.label() == label
     }
 }
 
@@ -53,6 +70,10 @@ pub type SharedUpstream = Arc<ArcSwap<Upstream>>;
 pub struct Upstream {
     pub name: String,
     pub balance: Balance,
+    /// What the group was built from; runtime changes rebuild it from this.
+    pub config: Arc<UpstreamConfig>,
+    /// Runtime changes and the queue, shared by every build of the group.
+    pub runtime: Arc<Runtime>,
     pub peers: Vec<Peer>,
     selector: Mutex<Selector>,
     unavailable: metrics::Counter,
@@ -67,6 +88,7 @@ impl Upstream {
     pub async fn resolve(
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
+        runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut targets = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
@@ -86,20 +108,33 @@ impl Upstream {
                 ))
             })?);
         }
-        let group = Upstream::assemble(config, targets, previous)?;
+        let group = Upstream::assemble(config, targets, previous, runtime)?;
         warn_unverified_tls(config);
         Ok(group)
     }
 
     /// Builds the group from each server's targets (`targets[i]` for
-    /// `config.servers[i]`), reusing the health of peers also in `previous`.
+    /// `config.servers[i]`) with the runtime changes in `runtime` applied,
+    /// reusing the health of peers also in `previous`.
     pub fn assemble(
         config: &UpstreamConfig,
         targets: Vec<Vec<PeerTarget>>,
         previous: Option<&Upstream>,
+        runtime: Arc<Runtime>,
     ) -> Result<Upstream, ConfigError> {
         let mut peers = Vec::new();
-        for (server, targets) in config.servers.iter().zip(targets) {
+        // Peers of two builds are the same peer when they have the same
+        // label and address.
+        let earlier: HashMap<(&str, &PeerTarget), &Peer> = previous
+            .into_iter()
+            .flat_map(|old| &old.peers)
+            .map(|old| ((old.label.as_str(), &old.target), old))
+            .collect();
+        let servers = runtime.servers(config, targets);
+        let server_labels: Vec<String> = servers.iter().map(|(server, _)| server.label()).collect();
+        let mut peer_labels = Vec::new();
+        for (server, targets) in servers {
+            let server = &server;
             let tls = server_tls(&config.name, server)?;
             // A re-resolved name always labels its peers by address, so a
             // peer keeps its label (and metrics) as the set grows and shrinks.
@@ -110,8 +145,27 @@ impl Upstream {
                 } else {
                     server.label()
                 };
-                let mut peer = Peer {
-                    stats: Arc::new(PeerStats::new(&config.name, &label)),
+                peer_labels.push(label.clone());
+                if by_address && runtime.is_removed(&label) {
+                    continue;
+                }
+                let effective = runtime.effective(server, &label);
+                // A peer also in `previous` keeps its shared state; looking
+                // it up first spares registering its metrics again.
+                let (stats, health, close) = match earlier.get(&(label.as_str(), &target)) {
+                    Some(old) => (
+                        Arc::clone(&old.stats),
+                        Arc::clone(&old.health),
+                        old.close.clone(),
+                    ),
+                    None => (
+                        Arc::new(PeerStats::new(&config.name, &label)),
+                        Arc::default(),
+                        CancellationToken::new(),
+                    ),
+                };
+                peers.push(Peer {
+                    stats,
                     label,
                     target,
                     server: server.clone(),
@@ -120,23 +174,23 @@ impl Upstream {
                         Some(tls) if nth > 0 => Some(tls.with_own_sessions()),
                         tls => tls.clone(),
                     },
-                    health: Arc::default(),
-                };
-                if let Some(old) =
-                    previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
-                {
-                    peer.health = Arc::clone(&old.health);
-                    peer.stats = Arc::clone(&old.stats);
-                }
-                peers.push(peer);
+                    health,
+                    weight: effective.weight,
+                    max_conns: effective.max_conns,
+                    down: effective.down,
+                    draining: effective.draining,
+                    close,
+                });
             }
         }
-        Ok(Upstream::new(
-            config.name.clone(),
-            config.balance.clone(),
-            config.hash_ring,
-            peers,
-        ))
+        runtime.forget_gone_peers(&server_labels, &peer_labels);
+        Ok(Upstream::new(Arc::new(config.clone()), runtime, peers))
+    }
+
+    /// Whether a server of this label (its `name`, else its address as
+    /// written), or a peer of this label (`LABEL@ADDRESS`), is in this build.
+    pub fn has_server(&self, label: &str) -> bool {
+        self.peers.iter().any(|peer| peer.answers_to(label))
     }
 
     /// The targets this build has for `server`, in order.
@@ -150,8 +204,8 @@ impl Upstream {
         targets
     }
 
-    pub fn new(name: String, balance: Balance, hash_ring: HashRing, peers: Vec<Peer>) -> Upstream {
-        let params: Vec<PeerParams> = peers.iter().map(|peer| peer_params(&peer.server)).collect();
+    pub fn new(config: Arc<UpstreamConfig>, runtime: Arc<Runtime>, peers: Vec<Peer>) -> Upstream {
+        let params: Vec<PeerParams> = peers.iter().map(peer_params).collect();
         let health = peers.iter().map(|peer| Arc::clone(&peer.health)).collect();
         let identities: Vec<PeerIdentity> = peers
             .iter()
@@ -160,12 +214,14 @@ impl Upstream {
                 address: peer.target.to_string(),
             })
             .collect();
-        let method = method(&balance, hash_ring);
+        let method = method(&config.balance, config.hash_ring);
         let selector = Selector::for_method(method, &identities, params, health);
         Upstream {
-            unavailable: unavailable_counter(&name),
-            name,
-            balance,
+            unavailable: unavailable_counter(&config.name),
+            name: config.name.clone(),
+            balance: config.balance.clone(),
+            config,
+            runtime,
             peers,
             selector: Mutex::new(selector),
         }
@@ -197,6 +253,16 @@ impl Upstream {
     /// Peer `index`'s state as of now.
     pub fn peer_state(&self, index: usize) -> PeerState {
         self.selector().state(index, Instant::now())
+    }
+
+    /// Whether some peer that is up is at its `max_conns`: a client that
+    /// found no eligible peer may then wait in the queue (SPEC §11).
+    pub fn has_full_peer(&self) -> bool {
+        self.peers.iter().enumerate().any(|(index, peer)| {
+            peer.max_conns > 0
+                && peer.health.active() >= peer.max_conns
+                && self.peer_state(index) == PeerState::Up
+        })
     }
 
     /// A client connection was closed because no peer could take it.
@@ -239,14 +305,15 @@ fn method(balance: &Balance, hash_ring: HashRing) -> Method {
     }
 }
 
-fn peer_params(server: &ServerConfig) -> PeerParams {
+fn peer_params(peer: &Peer) -> PeerParams {
+    let server = &peer.server;
     PeerParams {
-        weight: server.weight,
-        max_conns: server.max_conns,
+        weight: peer.weight,
+        max_conns: peer.max_conns,
         max_fails: server.max_fails,
         fail_timeout: server.fail_timeout,
         backup: server.backup,
-        down: server.down,
+        down: peer.down,
         slow_start: server.slow_start,
     }
 }
@@ -257,8 +324,7 @@ fn warn_unverified_tls(upstream: &UpstreamConfig) {
             warn!(
                 upstream = upstream.name.as_str(),
                 server = server.label().as_str(),
-                "TLS verification is off for this server ({}): any certificate is accepted",
-                server.syntax.verify_off()
+                "TLS verification is off for this server (verify = false): any certificate is accepted"
             );
         }
     }
@@ -310,6 +376,7 @@ impl Attempt {
         let was_failed = self.upstream.peer_state(self.index) == PeerState::Failed;
         self.peer().health.failed(&self.params, now);
         self.peer().stats.failed(reason);
+        self.upstream.runtime.queue.slot_freed();
         // As nginx's "upstream server temporarily disabled": once per marking.
         if !was_failed && self.upstream.peer_state(self.index) == PeerState::Failed {
             let server = &self.peer().server;
@@ -349,6 +416,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.settled {
             self.peer().health.abandoned();
+            self.upstream.runtime.queue.slot_freed();
         }
     }
 }
@@ -364,6 +432,11 @@ impl Lease {
         &self.upstream.peers[self.index]
     }
 
+    /// The group build the lease came from.
+    pub fn group(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
     /// The peer's position in the group build the lease came from.
     pub fn index(&self) -> usize {
         self.index
@@ -374,6 +447,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.peer().health.closed();
         self.peer().stats.closed();
+        self.upstream.runtime.queue.slot_freed();
     }
 }
 

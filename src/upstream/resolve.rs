@@ -116,7 +116,17 @@ async fn run(config: UpstreamConfig, shared: SharedUpstream, stop: CancellationT
         if unchanged {
             continue;
         }
-        let rebuilt = match Upstream::assemble(&config, round.targets, Some(&current)) {
+        // Under the build lock, from the newest build: a runtime API change
+        // stored meanwhile is kept.
+        let runtime = Arc::clone(&current.runtime);
+        let _build = runtime.build_lock();
+        let current = shared.load_full();
+        let rebuilt = match Upstream::assemble(
+            &config,
+            round.targets,
+            Some(&current),
+            Arc::clone(&current.runtime),
+        ) {
             Ok(rebuilt) => rebuilt,
             Err(reason) => {
                 warn!(upstream = config.name.as_str(), reason = %reason, "cannot rebuild the group after DNS re-resolution; keeping the last good addresses");

@@ -53,6 +53,8 @@ struct PeerMetrics {
     sent: Counter,
     received: Counter,
     up: Gauge,
+    /// Connections left while the peer drains; 0 otherwise.
+    draining: Gauge,
     connect_duration: Histogram,
 }
 
@@ -81,6 +83,7 @@ impl PeerStats {
             sent: metrics::counter!(names::UPSTREAM_BYTES_SENT_TOTAL, &labels),
             received: metrics::counter!(names::UPSTREAM_BYTES_RECEIVED_TOTAL, &labels),
             up: metrics::gauge!(names::UPSTREAM_SERVER_UP, &labels),
+            draining: metrics::gauge!(names::UPSTREAM_DRAINING_CONNECTIONS, &labels),
             connect_duration: metrics::histogram!(names::UPSTREAM_CONNECT_DURATION, &labels),
         };
         PeerStats {
@@ -160,6 +163,17 @@ impl PeerStats {
             PeerState::Failed | PeerState::Down => 0.0,
         };
         self.metrics.up.set(up);
+    }
+
+    /// Sets `draining_connections` to the connections left if the peer
+    /// drains, else 0; refreshed when metrics are rendered.
+    pub fn refresh_draining(&self, draining: bool) {
+        let left = if draining {
+            self.active.load(Ordering::Relaxed) as f64
+        } else {
+            0.0
+        };
+        self.metrics.draining.set(left);
     }
 
     pub fn snapshot(&self) -> PeerSnapshot {

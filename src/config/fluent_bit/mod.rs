@@ -20,6 +20,7 @@ use reader::{FluentBitError, Node, UpstreamFile};
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Config {
     /// The configuration of `sluice --fluent-bit FILE --bind ADDR`: one
@@ -57,6 +58,8 @@ impl Config {
             servers,
             health_check: None,
             resolver: Vec::new(),
+            queue: 0,
+            queue_timeout: QUEUE_TIMEOUT,
         };
         Ok(Config {
             // `--admin ADDR` sets it afterwards, in this mode as in any other.

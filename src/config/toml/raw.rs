@@ -53,6 +53,8 @@ pub(super) struct RawListener {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub bind: Spanned<Address>,
+    pub token_file: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
 }
 
 /// `[listener.tls]`: TLS termination.
@@ -89,6 +91,10 @@ pub(super) struct RawUpstream {
     pub server: Vec<RawServer>,
     pub health_check: Option<RawHealthCheck>,
     pub resolver: Option<Vec<Spanned<String>>>,
+    #[serde(default = "defaults::zero_u32_spanned")]
+    pub queue: Spanned<u32>,
+    #[serde(default = "defaults::queue_timeout")]
+    pub queue_timeout: Spanned<DurationValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +294,12 @@ mod defaults {
     }
     pub fn idle_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(600))
+    }
+    pub fn zero_u32_spanned() -> Spanned<u32> {
+        spanned(0)
+    }
+    pub fn queue_timeout() -> Spanned<DurationValue> {
+        spanned(DurationValue(Duration::from_secs(30)))
     }
     pub fn zero() -> DurationValue {
         DurationValue(Duration::ZERO)

@@ -61,7 +61,9 @@ fn admin_bind_and_access_log() {
     assert_eq!(
         config.admin,
         Some(AdminConfig {
-            bind: Address::Unix("/run/sluice/admin.sock".into())
+            bind: Address::Unix("/run/sluice/admin.sock".into()),
+            token_file: None,
+            state_file: None,
         })
     );
     assert!(!config.listeners[0].access_log);

@@ -10,7 +10,9 @@ use toml::Spanned;
 
 use super::raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 use super::Source;
-use crate::config::limits::{MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_SERVERS, MAX_WEIGHT};
+use crate::config::limits::{
+    MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_QUEUE, MAX_QUEUE_TIMEOUT, MAX_SERVERS, MAX_WEIGHT,
+};
 use crate::config::{
     clip, parse_server_name, quoted, Address, AdminConfig, Balance, ClientTlsSettings, Config,
     ConfigError, FileLines, HashRing, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig,
@@ -76,6 +78,8 @@ impl Source<'_> {
             }
             Some(admin) => Some(AdminConfig {
                 bind: admin.bind.into_inner(),
+                token_file: admin.token_file.map(|path| self.relative(path)),
+                state_file: admin.state_file.map(|path| self.relative(path)),
             }),
             None => None,
         };
@@ -251,6 +255,19 @@ impl Source<'_> {
             .health_check
             .map(|check| self.validate_health_check(upstream, check))
             .transpose()?;
+        if *raw.queue.get_ref() > MAX_QUEUE {
+            return Err(self.error_at(
+                &raw.queue,
+                format!("upstream {upstream}: key `queue` must be at most {MAX_QUEUE}"),
+            ));
+        }
+        let queue_timeout = raw.queue_timeout.get_ref().0;
+        if queue_timeout.is_zero() || queue_timeout > MAX_QUEUE_TIMEOUT {
+            return Err(self.error_at(
+                &raw.queue_timeout,
+                format!("upstream {upstream}: key `queue_timeout` must be between 1ms and 1h"),
+            ));
+        }
         if matches!(balance, Balance::Hash(_)) {
             let total_weight: u64 = servers.iter().map(|server| u64::from(server.weight)).sum();
             if total_weight > MAX_HASH_TOTAL_WEIGHT {
@@ -269,6 +286,8 @@ impl Source<'_> {
             servers,
             health_check,
             resolver,
+            queue: raw.queue.into_inner(),
+            queue_timeout,
         })
     }
 
