@@ -4,6 +4,7 @@
 mod address;
 mod fluent_bit;
 mod raw;
+mod recycle;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use address::Address;
 pub use raw::{Balance, HashKey, ProxyProtocol};
+pub use recycle::{Protocol, RecycleConfig, MAX_REBALANCE_RATE};
 
 use raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
 
@@ -63,6 +65,8 @@ pub struct ListenerConfig {
     pub tls_lines: FileLines,
     /// One access-log line per client connection at its close.
     pub access_log: bool,
+    /// Recycling and rebalancing long-lived connections (SPEC §9).
+    pub recycle: RecycleConfig,
 }
 
 /// The admin HTTP endpoint (SPEC §5).
@@ -408,6 +412,7 @@ impl Source<'_> {
                 format!("listener {name:?}: key `connect_timeout` must be greater than 0"),
             ));
         }
+        let recycle = self.validate_recycle(&name, &raw)?;
         let bind_span = raw.bind.span();
         let bind = raw.bind.into_inner();
         let unix_mode = match raw.unix_mode {
@@ -457,7 +462,37 @@ impl Source<'_> {
                 tls,
                 tls_lines,
                 access_log: raw.access_log,
+                recycle,
             },
+        })
+    }
+
+    /// The keys of SPEC §9; an error names the key's line.
+    fn validate_recycle(&self, name: &str, raw: &RawListener) -> Result<RecycleConfig, ConfigError> {
+        let defaults = RecycleConfig::default();
+        let off = |value: &Option<Spanned<recycle::OptionalDuration>>| {
+            value.as_ref().and_then(|value| value.get_ref().0)
+        };
+        RecycleConfig::new(
+            raw.protocol,
+            raw.quiet_period
+                .as_ref()
+                .map_or(defaults.quiet_period, |value| value.get_ref().0),
+            off(&raw.max_connection_age),
+            raw.rebalance,
+            raw.rebalance_rate
+                .as_ref()
+                .map_or(defaults.rebalance_rate, |value| *value.get_ref()),
+            off(&raw.access_log_interval),
+        )
+        .map_err(|(key, problem)| {
+            let span = match key {
+                "quiet_period" => raw.quiet_period.as_ref().map(Spanned::span),
+                "max_connection_age" => raw.max_connection_age.as_ref().map(Spanned::span),
+                "rebalance_rate" => raw.rebalance_rate.as_ref().map(Spanned::span),
+                _ => raw.access_log_interval.as_ref().map(Spanned::span),
+            };
+            self.error(span, format!("listener {name:?}: key `{key}` {problem}"))
         })
     }
 

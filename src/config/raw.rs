@@ -9,6 +9,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::recycle::{OptionalDuration, Protocol};
 use super::Address;
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +46,15 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::yes")]
     pub access_log: bool,
     pub tls: Option<RawListenerTls>,
+    // SPEC §9, checked in recycle.rs.
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub quiet_period: Option<Spanned<DurationValue>>,
+    pub max_connection_age: Option<Spanned<OptionalDuration>>,
+    #[serde(default)]
+    pub rebalance: bool,
+    pub rebalance_rate: Option<Spanned<u32>>,
+    pub access_log_interval: Option<Spanned<OptionalDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -304,19 +304,23 @@ impl PlainHalf {
 
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
-/// counts given to `report`.
+/// counts given to `report`. It never recycles: listeners that do relay
+/// through [`super::relay::relay`].
 pub fn relay<'a>(
     client: PlainSocket<'a>,
     upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
     report: impl FnMut(u64, u64) + 'a,
 ) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
     drive(
         idle_timeout,
+        report_interval,
+        None,
         report,
-        move |cx, direction, bytes, progressed| match direction {
+        move |cx, direction, bytes, progressed, _| match direction {
             Direction::ToUpstream => to_upstream.poll_move(cx, client, upstream, bytes, progressed),
             Direction::ToClient => to_client.poll_move(cx, upstream, client, bytes, progressed),
         },

@@ -34,6 +34,10 @@ pub struct Peer {
     pub health: Arc<PeerHealth>,
     /// Shared like `health`.
     pub stats: Arc<PeerStats>,
+    /// An operator is draining the peer (runtime API): it takes no new
+    /// connections, and rebalancing recycles its open ones. False when
+    /// built from the configuration file.
+    pub draining: bool,
 }
 
 impl Peer {
@@ -115,6 +119,7 @@ impl Upstream {
                     server: server.clone(),
                     tls: tls.clone(),
                     health: Arc::default(),
+                    draining: false,
                 };
                 if let Some(old) =
                     previous.and_then(|old| old.peers.iter().find(|old| old.same_as(&peer)))
@@ -266,6 +271,11 @@ pub struct Attempt {
 impl Attempt {
     pub fn peer(&self) -> &Peer {
         &self.upstream.peers[self.index]
+    }
+
+    /// The peer's position in the group build the attempt came from.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// The attempt failed for `reason`: counts towards max_fails.

@@ -1,0 +1,120 @@
+//! The listener keys of SPEC §9 (recycling and rebalancing long-lived
+//! connections): their raw forms and the checks that bound them.
+
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// How sluice finds a quiet moment on a listener's connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Any byte stream: both directions silent for `quiet_period` after an answer.
+    #[default]
+    Opaque,
+    /// Fluentd Forward: a message boundary with every `chunk` acknowledged.
+    Forward,
+}
+
+/// The longest duration these keys accept: a year, far beyond any useful
+/// value and well inside what a timer can hold (SPEC §8).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// `rebalance_rate` is 1 ..= this many recycles per second per listener.
+pub const MAX_REBALANCE_RATE: u32 = 10_000;
+
+/// A duration key that may also be `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OptionalDuration(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for OptionalDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == "off" {
+            return Ok(OptionalDuration(None));
+        }
+        humantime::parse_duration(&text)
+            .map(|duration| OptionalDuration(Some(duration)))
+            .map_err(|err| {
+                de::Error::custom(format!("invalid duration {text:?} (or \"off\"): {err}"))
+            })
+    }
+}
+
+/// A listener's recycling settings, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecycleConfig {
+    pub protocol: Protocol,
+    /// `opaque`: how long both directions must be silent.
+    pub quiet_period: Duration,
+    /// `None`: connections are not recycled for their age.
+    pub max_connection_age: Option<Duration>,
+    /// Move excess connections when the peers' shares drift.
+    pub rebalance: bool,
+    /// At most this many recycles per second on the listener.
+    pub rebalance_rate: u32,
+    /// `None`: one access line per connection, at its close.
+    pub access_log_interval: Option<Duration>,
+}
+
+impl Default for RecycleConfig {
+    fn default() -> Self {
+        RecycleConfig {
+            protocol: Protocol::Opaque,
+            quiet_period: Duration::from_millis(200),
+            max_connection_age: None,
+            rebalance: false,
+            rebalance_rate: 20,
+            access_log_interval: None,
+        }
+    }
+}
+
+impl RecycleConfig {
+    /// Whether the listener's connections may be recycled at all (and so
+    /// are registered and watched for quiet moments). Without it a listener
+    /// relays exactly as before, and SIGTERM waits for its connections.
+    pub fn recycles(&self) -> bool {
+        self.rebalance || self.max_connection_age.is_some() || self.protocol == Protocol::Forward
+    }
+
+    /// Checks the bounds; an error names the key (the caller adds the line).
+    pub(super) fn new(
+        protocol: Protocol,
+        quiet_period: Duration,
+        max_connection_age: Option<Duration>,
+        rebalance: bool,
+        rebalance_rate: u32,
+        access_log_interval: Option<Duration>,
+    ) -> Result<RecycleConfig, (&'static str, String)> {
+        if quiet_period < Duration::from_millis(1) || quiet_period > MAX_DURATION {
+            return Err((
+                "quiet_period",
+                "must be from 1ms to 365 days".to_owned(),
+            ));
+        }
+        for (key, value) in [
+            ("max_connection_age", max_connection_age),
+            ("access_log_interval", access_log_interval),
+        ] {
+            if value.is_some_and(|value| value < Duration::from_secs(1) || value > MAX_DURATION) {
+                return Err((key, "must be \"off\" or from 1s to 365 days".to_owned()));
+            }
+        }
+        if !(1..=MAX_REBALANCE_RATE).contains(&rebalance_rate) {
+            return Err((
+                "rebalance_rate",
+                format!("must be from 1 to {MAX_REBALANCE_RATE} (recycles per second)"),
+            ));
+        }
+        Ok(RecycleConfig {
+            protocol,
+            quiet_period,
+            max_connection_age,
+            rebalance,
+            rebalance_rate,
+            access_log_interval,
+        })
+    }
+}
