@@ -118,3 +118,99 @@ impl RecycleConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn listener_with(keys: &str) -> Result<RecycleConfig, String> {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nupstream = \"u\"\n{keys}\n\
+             [upstream.u]\n[[upstream.u.server]]\naddress = \"127.0.0.1:2\"\n"
+        );
+        Config::parse(&text, Path::new("test.toml"))
+            .map(|config| config.listeners[0].recycle)
+            .map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_contract_and_recycle_nothing() {
+        let config = listener_with("").expect("valid");
+        assert_eq!(config, RecycleConfig::default());
+        assert_eq!(config.protocol, Protocol::Opaque);
+        assert_eq!(config.quiet_period, Duration::from_millis(200));
+        assert_eq!(config.max_connection_age, None);
+        assert!(!config.rebalance);
+        assert_eq!(config.rebalance_rate, 20);
+        assert_eq!(config.access_log_interval, None);
+        assert!(!config.recycles());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let config = listener_with(
+            "protocol = \"forward\"\nquiet_period = \"50ms\"\nmax_connection_age = \"15m\"\n\
+             rebalance = true\nrebalance_rate = 5\naccess_log_interval = \"1m\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            config,
+            RecycleConfig {
+                protocol: Protocol::Forward,
+                quiet_period: Duration::from_millis(50),
+                max_connection_age: Some(Duration::from_secs(900)),
+                rebalance: true,
+                rebalance_rate: 5,
+                access_log_interval: Some(Duration::from_secs(60)),
+            }
+        );
+        assert!(config.recycles());
+        let off = listener_with("max_connection_age = \"off\"\naccess_log_interval = \"off\"")
+            .expect("valid");
+        assert_eq!(
+            (off.max_connection_age, off.access_log_interval),
+            (None, None)
+        );
+        for keys in [
+            "protocol = \"forward\"",
+            "rebalance = true",
+            "max_connection_age = \"1h\"",
+        ] {
+            assert!(listener_with(keys).expect("valid").recycles(), "{keys}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_errors_naming_key_and_line() {
+        for (keys, key) in [
+            ("quiet_period = \"0s\"", "quiet_period"),
+            ("quiet_period = \"366days\"", "quiet_period"),
+            ("max_connection_age = \"500ms\"", "max_connection_age"),
+            ("max_connection_age = \"400years\"", "max_connection_age"),
+            ("access_log_interval = \"0s\"", "access_log_interval"),
+            ("access_log_interval = \"1000days\"", "access_log_interval"),
+            ("rebalance_rate = 0", "rebalance_rate"),
+            ("rebalance_rate = 10001", "rebalance_rate"),
+        ] {
+            let err = listener_with(keys).expect_err(keys);
+            assert!(err.contains(key), "{keys}: {err}");
+            assert!(err.contains("test.toml:5"), "{keys}: {err}");
+        }
+        // The largest values accepted.
+        listener_with(
+            "quiet_period = \"365days\"\nmax_connection_age = \"365days\"\nrebalance_rate = 10000",
+        )
+        .expect("valid");
+        for keys in [
+            "protocol = \"http\"",
+            "max_connection_age = \"forever\"",
+            "rebalance_rate = -1",
+            "quiet_period = \"off\"",
+        ] {
+            assert!(listener_with(keys).is_err(), "{keys}");
+        }
+    }
+}

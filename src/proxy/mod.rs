@@ -98,7 +98,13 @@ pub async fn serve_connection(
         .then(|| context.recycling.register(&peer.label, recycle.max_connection_age));
     let watch = registration
         .as_ref()
-        .map(|registration| Watch::new(recycle, Arc::clone(&registration.signal)));
+        .map(|registration| {
+            Watch::new(
+                &context.config.name,
+                recycle,
+                Arc::clone(&registration.signal),
+            )
+        });
     let report_interval = recycle
         .access_log_interval
         .map_or(TRAFFIC_REPORT_INTERVAL, |interval| {
@@ -149,7 +155,6 @@ pub async fn serve_connection(
             warn!(listener, upstream, peer, client = %client_addr, sent, received, side = ?side, reason = %err, "connection closed on error")
         }
         RelayEnd::Recycled(reason) => {
-            recycle::count_recycled(listener, reason);
             info!(listener, upstream, peer, client = %client_addr, sent, received, reason = reason.as_str(), "connection recycled at a quiet moment")
         }
     }

@@ -67,7 +67,7 @@ impl Reason {
 }
 
 /// Counts a recycle in `sluice_connections_recycled_total`.
-pub fn count_recycled(listener: &str, reason: Reason) {
+fn count_recycled(listener: &str, reason: Reason) {
     metrics::counter!(
         names::CONNECTIONS_RECYCLED_TOTAL,
         "listener" => listener.to_owned(),
@@ -397,6 +397,8 @@ pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToke
 
 /// What a connection's relay watches to recycle it at a quiet moment.
 pub struct Watch {
+    /// The listener's name, the metric's label.
+    listener: String,
     pub(super) signal: Arc<RecycleSignal>,
     quiet_period: Duration,
     /// `protocol = "forward"`; `None` for opaque.
@@ -413,8 +415,9 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(config: &RecycleConfig, signal: Arc<RecycleSignal>) -> Watch {
+    pub fn new(listener: &str, config: &RecycleConfig, signal: Arc<RecycleSignal>) -> Watch {
         Watch {
+            listener: listener.to_owned(),
             signal,
             quiet_period: config.quiet_period,
             forward: (config.protocol == Protocol::Forward).then(Box::default),
@@ -423,6 +426,14 @@ impl Watch {
             last_progress: Instant::now(),
             closing: None,
         }
+    }
+
+    /// A quiet moment came after a recycle was asked for: sluice sends
+    /// its FIN to the client now (counted as the recycle) and closes the
+    /// connection by `deadline` at the latest.
+    pub(super) fn start_closing(&mut self, reason: Reason, deadline: Instant) {
+        self.closing = Some((reason, deadline));
+        count_recycled(&self.listener, reason);
     }
 
     /// Bytes were read from one side, to be written to the other.

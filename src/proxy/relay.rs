@@ -424,7 +424,7 @@ where
                 match watch.quiet(now) {
                     Quiet::Now => {
                         let deadline = now + RECYCLE_LINGER;
-                        watch.closing = Some((reason, deadline));
+                        watch.start_closing(reason, deadline);
                         // Polled again at once, the relay sends the FIN.
                         cx.waker().wake_by_ref();
                         deadline
