@@ -31,8 +31,7 @@ const CONNECT_DURATION_BUCKETS: &[f64] = &[
 /// Upper bounds of the connection-duration buckets, in seconds: from
 /// one-request connections to the hours Forward senders hold theirs.
 const CONNECTION_DURATION_BUCKETS: &[f64] = &[
-    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0,
-    24.0 * 3600.0,
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
 ];
 
 /// How often histogram samples are folded into their buckets when nobody

@@ -135,7 +135,10 @@ async fn receive(
                 ("keepalive", Value::from(true)),
             ]),
         ]);
-        stream.write_all(&encode(&helo)).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&encode(&helo))
+            .await
+            .map_err(|e| e.to_string())?;
         let ping = read_value(&mut stream, &mut buf).await?.ok_or("no PING")?;
         let ping = ping.as_array().ok_or("PING is not an array")?;
         let hostname = ping[1].as_str().ok_or("no hostname")?.to_owned();
@@ -148,7 +151,10 @@ async fn receive(
             text("receiver"),
             text(&digest(&salt, "receiver", &nonce)),
         ]);
-        stream.write_all(&encode(&pong)).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&encode(&pong))
+            .await
+            .map_err(|e| e.to_string())?;
         if !valid {
             return Err("shared_key mismatch".to_owned());
         }
@@ -158,12 +164,18 @@ async fn receive(
         // Message mode: [tag, time, record, option?].
         let record = &items[2];
         if let (Some(sender), Some(seq)) = (field(record, "sender"), field(record, "seq")) {
-            let pair = (sender.as_u64().unwrap_or(u64::MAX), seq.as_u64().unwrap_or(u64::MAX));
+            let pair = (
+                sender.as_u64().unwrap_or(u64::MAX),
+                seq.as_u64().unwrap_or(u64::MAX),
+            );
             records.lock().unwrap().push(pair);
         }
         if let Some(chunk) = items.get(3).and_then(|options| field(options, "chunk")) {
             let ack = map(vec![("ack", chunk.clone())]);
-            stream.write_all(&encode(&ack)).await.map_err(|e| e.to_string())?;
+            stream
+                .write_all(&encode(&ack))
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -236,7 +248,10 @@ async fn chunk_sender(
         let message = Value::Array(vec![
             text("sluice.test.record"),
             Value::from(1_700_000_000u64 + seq),
-            map(vec![("sender", Value::from(sender)), ("seq", Value::from(seq))]),
+            map(vec![
+                ("sender", Value::from(sender)),
+                ("seq", Value::from(seq)),
+            ]),
             map(vec![("chunk", text(&chunk))]),
         ]);
         if let Err(err) = stream.write_all(&encode(&message)).await {
@@ -248,7 +263,9 @@ async fn chunk_sender(
                 report.acked += 1;
             }
             Ok(Some(other)) => {
-                report.errors.push(format!("record {seq}: not its ack: {other}"));
+                report
+                    .errors
+                    .push(format!("record {seq}: not its ack: {other}"));
                 return report;
             }
             Ok(None) => {
@@ -284,7 +301,10 @@ async fn handshake(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), Stri
         text(""),
         text(""),
     ]);
-    stream.write_all(&encode(&ping)).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(&encode(&ping))
+        .await
+        .map_err(|e| e.to_string())?;
     let pong = read_value(stream, buf).await?.ok_or("no PONG")?;
     let pong = pong.as_array().ok_or("PONG is not an array")?;
     if pong[1].as_bool() != Some(true) {
@@ -361,7 +381,9 @@ async fn senders_move_to_a_new_aggregator(shared_key: bool) {
     reload(&sluice, &forward_config(&listen, &admin, "", &three)).await;
     let moved = wait_until(Duration::from_secs(10), || {
         let counts = [a.open.get(), b.open.get(), c.open.get()];
-        counts.iter().sum::<usize>() == 6 && counts.iter().all(|n| n.abs_diff(2) <= 1) && counts[2] > 0
+        counts.iter().sum::<usize>() == 6
+            && counts.iter().all(|n| n.abs_diff(2) <= 1)
+            && counts[2] > 0
     })
     .await;
     assert!(
@@ -390,8 +412,14 @@ async fn senders_move_to_a_new_aggregator(shared_key: bool) {
         "sluice_connections_recycled_total{listener=\"front\",reason=\"rebalance\"}",
     )
     .await;
-    assert!(counted as usize >= reconnects, "{counted} counted, {reconnects} seen");
-    assert!(!c.records.lock().unwrap().is_empty(), "the new aggregator got nothing");
+    assert!(
+        counted as usize >= reconnects,
+        "{counted} counted, {reconnects} seen"
+    );
+    assert!(
+        !c.records.lock().unwrap().is_empty(),
+        "the new aggregator got nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +449,13 @@ async fn fluent_logger_senders_move_without_losing_a_record() {
     let script = manifest_dir().join("tests/forward/send_paced.py");
     let child = tokio::process::Command::new("python3")
         .arg(script)
-        .args([host, port, &senders.to_string(), &records.to_string(), "100"])
+        .args([
+            host,
+            port,
+            &senders.to_string(),
+            &records.to_string(),
+            "100",
+        ])
         .output();
     let python = tokio::spawn(child);
     let connected = wait_until(Duration::from_secs(10), || a.open.get() + b.open.get() == 6);
@@ -447,7 +481,10 @@ async fn fluent_logger_senders_move_without_losing_a_record() {
     println!("fluent-logger: {reconnects} reconnects, {duplicates} records repeated");
     assert!(duplicates <= reconnects);
     assert!(reconnects > 0, "no sender moved");
-    assert!(!c.records.lock().unwrap().is_empty(), "the new aggregator got nothing");
+    assert!(
+        !c.records.lock().unwrap().is_empty(),
+        "the new aggregator got nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +556,11 @@ async fn sigterm_moves_forward_senders_at_message_boundaries() {
     let signalled = Instant::now();
     sluice.signal(Signal::SIGTERM);
     let status = sluice.wait_exit(Duration::from_secs(15)).await;
-    assert!(status.is_some_and(|s| s.success()), "log:\n{}", sluice.log_text());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "log:\n{}",
+        sluice.log_text()
+    );
     // Far sooner than shutdown_timeout: each sender was closed between records.
     assert!(signalled.elapsed() < Duration::from_secs(15));
     let mut acked = Vec::new();
@@ -532,5 +573,7 @@ async fn sigterm_moves_forward_senders_at_message_boundaries() {
         acked.push(report.acked);
     }
     assert_eq!(assert_every_record(&a.records.lock().unwrap(), &acked), 0);
-    assert!(!sluice.log_text().contains("closing the remaining connections"));
+    assert!(!sluice
+        .log_text()
+        .contains("closing the remaining connections"));
 }

@@ -108,11 +108,15 @@ async fn request_loop(
             Ok(Ok(_)) if answer[1..] == request => report.answered += 1,
             Ok(Ok(_)) => report.errors.push(format!("request {seq}: a wrong answer")),
             Ok(Err(err)) => {
-                report.errors.push(format!("request {seq} unanswered: {err}"));
+                report
+                    .errors
+                    .push(format!("request {seq} unanswered: {err}"));
                 return report;
             }
             Err(_) => {
-                report.errors.push(format!("request {seq}: no answer in 10 s"));
+                report
+                    .errors
+                    .push(format!("request {seq}: no answer in 10 s"));
                 return report;
             }
         }
@@ -152,7 +156,11 @@ impl Clients {
         let mut reports = Vec::new();
         for task in self.tasks {
             let report = task.await.unwrap();
-            assert!(report.errors.is_empty(), "client errors: {:?}", report.errors);
+            assert!(
+                report.errors.is_empty(),
+                "client errors: {:?}",
+                report.errors
+            );
             assert!(report.answered > 0);
             reports.push(report);
         }
@@ -210,7 +218,11 @@ async fn scale_up(weights: [u32; 3], before: [usize; 2], after: [usize; 3]) {
     assert_eq!(counts(&[&a, &b]), before, "round-robin deals the clients");
 
     let three = [two[0].clone(), two[1].clone(), server(&c, weights[2])];
-    reload(&sluice, &opaque_config(&listen, &admin, "rebalance = true", &three)).await;
+    reload(
+        &sluice,
+        &opaque_config(&listen, &admin, "rebalance = true", &three),
+    )
+    .await;
     wait_for_shares(&[&a, &b, &c], &after, Duration::from_secs(10)).await;
     let series = "sluice_connections_recycled_total{listener=\"front\",reason=\"rebalance\"}";
     let moved = metric(&admin, series).await as usize;
@@ -245,19 +257,31 @@ async fn a_recovered_server_receives_its_share() {
         server(&b.addr, ""),
         server(&c_addr, "fail_timeout = \"2s\""),
     ];
-    let sluice = Sluice::start(&opaque_config(&listen, &admin, "rebalance = true", &servers)).await;
+    let sluice = Sluice::start(&opaque_config(
+        &listen,
+        &admin,
+        "rebalance = true",
+        &servers,
+    ))
+    .await;
     let clients = Clients::start(&listen, 12, Duration::from_millis(300), || {
         a.open.get() + b.open.get()
     })
     .await;
-    assert_eq!(counts(&[&a, &b]), [6, 6], "C failed: A and B took every client");
+    assert_eq!(
+        counts(&[&a, &b]),
+        [6, 6],
+        "C failed: A and B took every client"
+    );
     // C comes back: once its fail_timeout passed, it gets its share.
     c_socket.listen(128).unwrap();
     c_socket.set_nonblocking(true).unwrap();
     let c = AnsweringBackend::serve(TcpListener::from_std(c_socket.into()).unwrap(), 3);
     wait_for_shares(&[&a, &b, &c], &[4, 4, 4], Duration::from_secs(12)).await;
     clients.finish().await;
-    assert!(sluice.log_text().contains("upstream connect attempt failed"));
+    assert!(sluice
+        .log_text()
+        .contains("upstream connect attempt failed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,16 +291,22 @@ async fn max_connection_age_recycles_each_connection_once_old_within_the_rate() 
     let age = Duration::from_secs(2);
     let rate = 2;
     let extra = format!("max_connection_age = \"2s\"\nrebalance_rate = {rate}");
-    let _sluice = Sluice::start(&opaque_config(&listen, &admin, &extra, &[server(&a.addr, "")])).await;
+    let _sluice = Sluice::start(&opaque_config(
+        &listen,
+        &admin,
+        &extra,
+        &[server(&a.addr, "")],
+    ))
+    .await;
     let started = Instant::now();
     let clients = Clients::start(&listen, 8, Duration::from_millis(100), || a.open.get()).await;
     // All 8 are due within 2.2 s; at 2 per second the last goes by about 6 s.
-    let all_recycled = wait_until(Duration::from_secs(15), || {
-        metric_blocking(&admin) >= 8.0
-    })
-    .await;
+    let all_recycled = wait_until(Duration::from_secs(15), || metric_blocking(&admin) >= 8.0).await;
     let reports = clients.finish().await;
-    assert!(all_recycled, "not every connection was recycled for its age");
+    assert!(
+        all_recycled,
+        "not every connection was recycled for its age"
+    );
     let mut times: Vec<Instant> = reports.iter().flat_map(|r| r.recycled_at.clone()).collect();
     times.sort();
     for lifetime in reports.iter().flat_map(|r| r.lifetimes.clone()) {
@@ -402,13 +432,19 @@ async fn sigterm_recycles_every_connection_at_its_next_quiet_moment() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert!(status.is_some_and(|s| s.success()), "log:\n{}", sluice.log_text());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "log:\n{}",
+        sluice.log_text()
+    );
     assert!(signalled.elapsed() < Duration::from_secs(15));
     for (answered, errors) in reports.lock().unwrap().iter() {
         assert!(errors.is_empty(), "{errors:?}");
         assert!(*answered > 0);
     }
-    assert!(!sluice.log_text().contains("closing the remaining connections"));
+    assert!(!sluice
+        .log_text()
+        .contains("closing the remaining connections"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,7 +459,11 @@ async fn a_server_removed_by_reload_is_drained_by_recycling() {
     })
     .await;
     assert_eq!(counts(&[&a, &b]), [4, 4]);
-    reload(&sluice, &opaque_config(&listen, &admin, "rebalance = true", &both[..1])).await;
+    reload(
+        &sluice,
+        &opaque_config(&listen, &admin, "rebalance = true", &both[..1]),
+    )
+    .await;
     wait_for_shares(&[&a, &b], &[8, 0], Duration::from_secs(10)).await;
     assert!(wait_until(Duration::from_secs(5), || b.open.get() == 0).await);
     clients.finish().await;

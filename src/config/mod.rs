@@ -468,7 +468,11 @@ impl Source<'_> {
     }
 
     /// The keys of SPEC §9; an error names the key's line.
-    fn validate_recycle(&self, name: &str, raw: &RawListener) -> Result<RecycleConfig, ConfigError> {
+    fn validate_recycle(
+        &self,
+        name: &str,
+        raw: &RawListener,
+    ) -> Result<RecycleConfig, ConfigError> {
         let defaults = RecycleConfig::default();
         let off = |value: &Option<Spanned<recycle::OptionalDuration>>| {
             value.as_ref().and_then(|value| value.get_ref().0)

@@ -17,6 +17,16 @@ pub enum Protocol {
     Forward,
 }
 
+impl Protocol {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Opaque => "opaque",
+            Protocol::Forward => "forward",
+        }
+    }
+}
+
 /// The longest duration these keys accept: a year, far beyond any useful
 /// value and well inside what a timer can hold (SPEC §8).
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
@@ -89,10 +99,7 @@ impl RecycleConfig {
         access_log_interval: Option<Duration>,
     ) -> Result<RecycleConfig, (&'static str, String)> {
         if quiet_period < Duration::from_millis(1) || quiet_period > MAX_DURATION {
-            return Err((
-                "quiet_period",
-                "must be from 1ms to 365 days".to_owned(),
-            ));
+            return Err(("quiet_period", "must be from 1ms to 365 days".to_owned()));
         }
         for (key, value) in [
             ("max_connection_age", max_connection_age),

@@ -92,6 +92,18 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, SharedUpstream>) ->
             listener.next_upstream_tries,
             listener.next_upstream_timeout.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
         );
+        let recycle = &listener.recycle;
+        if recycle.recycles() {
+            let _ = writeln!(
+                out,
+                "  recycling: protocol {} quiet_period {} max_connection_age {} rebalance {} rebalance_rate {}/s",
+                recycle.protocol.name(),
+                humantime::format_duration(recycle.quiet_period),
+                recycle.max_connection_age.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
+                if recycle.rebalance { "on" } else { "off" },
+                recycle.rebalance_rate,
+            );
+        }
         if let Some(tls) = &listener.tls {
             let _ = writeln!(
                 out,

@@ -189,7 +189,9 @@ impl Parser {
     fn feed(&mut self, mut bytes: &[u8], pending: &mut Pending) -> Result<(), Malformed> {
         while let Some(&first) = bytes.first() {
             if self.skip > 0 {
-                let take = bytes.len().min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                let take = bytes
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
                 if let Some(captured) = &mut self.capture {
                     // The capture was sized to the whole payload up front.
                     captured.bytes[captured.len..captured.len + take]
@@ -336,9 +338,7 @@ impl Parser {
                 Role::Options { .. } => self.chunk = Some(captured),
                 Role::Reply { key_is_ack } if is_key => *key_is_ack = text == b"ack",
                 Role::Reply { .. } => {
-                    pending
-                        .outstanding
-                        .retain(|chunk| chunk.as_slice() != text);
+                    pending.outstanding.retain(|chunk| chunk.as_slice() != text);
                 }
                 Role::Greeting => match text {
                     b"HELO" => pending.handshake = true,
@@ -525,7 +525,10 @@ mod tests {
         let mut follower = ForwardFollower::default();
         let helo = encode(&Value::Array(vec![
             text("HELO"),
-            map(&[("nonce", Value::Binary(vec![1; 16])), ("keepalive", Value::from(true))]),
+            map(&[
+                ("nonce", Value::Binary(vec![1; 16])),
+                ("keepalive", Value::from(true)),
+            ]),
         ]));
         follower.upstream_bytes(&helo);
         assert!(!follower.is_quiet());
@@ -553,9 +556,9 @@ mod tests {
     #[test]
     fn a_stream_outside_the_grammar_is_malformed_for_good() {
         for bytes in [
-            &b"hello\n"[..],        // text: a fixint at the top level
-            &[0xc1][..],             // the byte msgpack never uses
-            &encode(&text("tag"))[..], // a string, not a message
+            &b"hello\n"[..],                             // text: a fixint at the top level
+            &[0xc1][..],                                 // the byte msgpack never uses
+            &encode(&text("tag"))[..],                   // a string, not a message
             &encode(&Value::Array(vec![text("t")]))[..], // too short
         ] {
             let mut follower = ForwardFollower::default();
@@ -582,7 +585,11 @@ mod tests {
             nested = Value::Array(vec![nested]);
         }
         let mut follower = ForwardFollower::default();
-        follower.client_bytes(&encode(&Value::Array(vec![text("t"), Value::from(1), nested])));
+        follower.client_bytes(&encode(&Value::Array(vec![
+            text("t"),
+            Value::from(1),
+            nested,
+        ])));
         assert!(follower.is_malformed(), "nesting past MAX_DEPTH");
 
         let long = "x".repeat(MAX_CHUNK_ID + 1);

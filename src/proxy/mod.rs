@@ -93,18 +93,18 @@ pub async fn serve_connection(
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
     let recycle = &context.config.recycle;
-    let registration = recycle
-        .recycles()
-        .then(|| context.recycling.register(&peer.label, recycle.max_connection_age));
-    let watch = registration
-        .as_ref()
-        .map(|registration| {
-            Watch::new(
-                &context.config.name,
-                recycle,
-                Arc::clone(&registration.signal),
-            )
-        });
+    let registration = recycle.recycles().then(|| {
+        context
+            .recycling
+            .register(&peer.label, recycle.max_connection_age)
+    });
+    let watch = registration.as_ref().map(|registration| {
+        Watch::new(
+            &context.config.name,
+            recycle,
+            Arc::clone(&registration.signal),
+        )
+    });
     let report_interval = recycle
         .access_log_interval
         .map_or(TRAFFIC_REPORT_INTERVAL, |interval| {
@@ -320,7 +320,15 @@ async fn relay_streams(
             return splice::relay(client, upstream, idle_timeout, report_interval, report).await;
         }
     }
-    relay(client, upstream, idle_timeout, report_interval, watch, report).await
+    relay(
+        client,
+        upstream,
+        idle_timeout,
+        report_interval,
+        watch,
+        report,
+    )
+    .await
 }
 
 /// The peers of one group as one client connection may try them.

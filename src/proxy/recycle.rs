@@ -173,14 +173,11 @@ impl Registry {
 
     /// Notes a connection relayed to `peer`; it leaves the registry when
     /// the registration drops.
-    pub fn register(
-        self: &Arc<Self>,
-        peer: &str,
-        max_age: Option<Duration>,
-    ) -> Registration {
+    pub fn register(self: &Arc<Self>, peer: &str, max_age: Option<Duration>) -> Registration {
         let signal = Arc::new(RecycleSignal::default());
         // Spread by +-10%, so connections opened together are not all due at once.
-        let age_limit = max_age.map(|age| Instant::now() + age.mul_f64(0.9 + 0.2 * fastrand::f64()));
+        let age_limit =
+            max_age.map(|age| Instant::now() + age.mul_f64(0.9 + 0.2 * fastrand::f64()));
         let mut connections = self.lock();
         let id = connections.next_id;
         connections.next_id += 1;
@@ -188,7 +185,11 @@ impl Registry {
             Some((known, _)) => Arc::clone(known),
             None => Arc::from(peer),
         };
-        connections.per_peer.entry(Arc::clone(&peer)).or_default().open += 1;
+        connections
+            .per_peer
+            .entry(Arc::clone(&peer))
+            .or_default()
+            .open += 1;
         connections.open.insert(
             id,
             Entry {
@@ -578,7 +579,10 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let _gone = open(&registry, "removed", 2);
         let _kept = open(&registry, "s0", 1);
-        assert_eq!(registry.ask(&rebalancing(), &group(&[1]), 10, Instant::now()), 2);
+        assert_eq!(
+            registry.ask(&rebalancing(), &group(&[1]), 10, Instant::now()),
+            2
+        );
         assert!(registry
             .requested()
             .iter()
@@ -593,8 +597,14 @@ mod tests {
         };
         let group = group(&[1]);
         let start = Instant::now();
-        assert_eq!(registry.ask(&config, &group, 10, start + age.mul_f64(0.89)), 0);
-        assert_eq!(registry.ask(&config, &group, 10, start + age.mul_f64(1.11)), 1);
+        assert_eq!(
+            registry.ask(&config, &group, 10, start + age.mul_f64(0.89)),
+            0
+        );
+        assert_eq!(
+            registry.ask(&config, &group, 10, start + age.mul_f64(1.11)),
+            1
+        );
         assert_eq!(registry.requested(), [("s0".to_owned(), Reason::Age)]);
     }
 

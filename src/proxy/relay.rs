@@ -277,12 +277,24 @@ where
 /// What [`drive`] polls for one direction: `(cx, direction, bytes,
 /// progressed, watch)`.
 pub(super) trait PollDirection:
-    FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool, Option<&mut Watch>) -> Poll<Result<(), CopyError>>
+    FnMut(
+    &mut Context<'_>,
+    Direction,
+    &mut u64,
+    &mut bool,
+    Option<&mut Watch>,
+) -> Poll<Result<(), CopyError>>
 {
 }
 
 impl<P> PollDirection for P where
-    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool, Option<&mut Watch>) -> Poll<Result<(), CopyError>>
+    P: FnMut(
+        &mut Context<'_>,
+        Direction,
+        &mut u64,
+        &mut bool,
+        Option<&mut Watch>,
+    ) -> Poll<Result<(), CopyError>>
 {
 }
 
