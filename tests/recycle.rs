@@ -514,3 +514,69 @@ async fn a_long_connection_writes_interim_access_lines() {
     drop(stream);
     backend.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_the_client_sends_after_the_recycle_fin_still_reach_the_upstream() {
+    // An echo backend that keeps everything each connection sent.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let store = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    all.extend_from_slice(&buf[..n]);
+                    let _ = stream.write_all(&buf[..n]).await;
+                }
+                store.lock().unwrap().push(all);
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let (listen, admin) = (free_addr(), free_addr());
+    let text = opaque_config(
+        &listen,
+        &admin,
+        "max_connection_age = \"1s\"",
+        &[server(backend, "")],
+    );
+    let _sluice = Sluice::start(&text).await;
+    let mut stream = TcpStream::connect(&listen).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    let mut echo = [0u8; 5];
+    stream.read_exact(&mut echo).await.unwrap();
+    // Recycled once 0.9-1.1 s old and quiet: the FIN.
+    let mut rest = Vec::new();
+    let fin = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(fin.is_ok(), "not recycled");
+    assert!(rest.is_empty());
+    // The client still sends (its half is open), then closes.
+    stream.write_all(b" and goodbye").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let delivered = wait_until(Duration::from_secs(5), || {
+        received.lock().unwrap().len() == 1
+    })
+    .await;
+    assert!(delivered, "the upstream connection was not closed");
+    assert_eq!(received.lock().unwrap()[0], b"hello and goodbye");
+    assert_eq!(
+        metric(
+            &admin,
+            "sluice_connections_recycled_total{listener=\"front\",reason=\"age\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &admin,
+            "sluice_connection_duration_seconds_count{listener=\"front\"}"
+        )
+        .await,
+        1.0
+    );
+}

@@ -609,6 +609,28 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_peer_is_drained_and_avoided() {
+        let registry = Arc::new(Registry::default());
+        let _held: Vec<Registration> = [open(&registry, "s0", 3), open(&registry, "s1", 2)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut group = group(&[1, 1, 1]);
+        group.peers[1].draining = true;
+        // Shares over s0 and s2 only: s1 has none, s2 is below its share,
+        // s0 at it (3 of 6 counting the newcomer).
+        assert_eq!(registry.over_share(&group), vec![0]);
+        assert_eq!(registry.ask(&rebalancing(), &group, 10, Instant::now()), 2);
+        assert_eq!(
+            registry.requested(),
+            [
+                ("s1".to_owned(), Reason::Drain),
+                ("s1".to_owned(), Reason::Drain)
+            ]
+        );
+    }
+
+    #[test]
     fn closed_connections_leave_the_registry() {
         let registry = Arc::new(Registry::default());
         let held = open(&registry, "s0", 3);
