@@ -620,4 +620,59 @@ mod tests {
         ])));
         assert!(follower.is_malformed(), "past MAX_OUTSTANDING");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any bytes, in any pieces, either way: no panic.
+            #[test]
+            fn any_bytes_in_any_pieces_never_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                cut in 1usize..64,
+            ) {
+                let mut follower = ForwardFollower::default();
+                for piece in bytes.chunks(cut) {
+                    follower.client_bytes(piece);
+                    follower.upstream_bytes(piece);
+                }
+                let _ = follower.is_quiet();
+            }
+
+            /// Valid messages cut anywhere are followed exactly: quiet at
+            /// the end once every chunk is acked, never malformed.
+            #[test]
+            fn valid_messages_cut_anywhere_are_followed(
+                count in 1usize..8,
+                cut in 1usize..40,
+                value in any::<i64>(),
+                note in ".{0,40}",
+            ) {
+                let mut follower = ForwardFollower::default();
+                let mut stream = Vec::new();
+                for n in 0..count {
+                    let record = map(&[("n", Value::from(value)), ("note", text(&note))]);
+                    let options = map(&[("chunk", text(&format!("id-{n}")))]);
+                    stream.extend(encode(&Value::Array(vec![
+                        text("tag"),
+                        Value::from(n as u64),
+                        record,
+                        options,
+                    ])));
+                }
+                for piece in stream.chunks(cut) {
+                    follower.client_bytes(piece);
+                }
+                prop_assert!(!follower.is_malformed());
+                prop_assert!(!follower.is_quiet());
+                for n in 0..count {
+                    follower.upstream_bytes(&ack(&format!("id-{n}")));
+                }
+                prop_assert!(follower.is_quiet());
+            }
+        }
+    }
 }
