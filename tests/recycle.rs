@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-use recycling::{metric, reload, OpenCount};
+use recycling::{metric, metrics_text, reload, OpenCount};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -358,6 +358,27 @@ async fn a_continuous_stream_is_never_cut() {
         config(&listen, extra, "", &[server(backend.addr, "")])
     );
     let _sluice = Sluice::start(&text).await;
+    // Every series exists, at 0, before the first recycle.
+    let before = Instant::now();
+    let registered = loop {
+        let text = metrics_text(&admin).await;
+        if text.contains("sluice_connections_recycled_total{listener=\"front\",reason=\"drain\"} 0")
+            || before.elapsed() > Duration::from_secs(5)
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for reason in ["age", "rebalance", "drain"] {
+        let series = format!(
+            "sluice_connections_recycled_total{{listener=\"front\",reason=\"{reason}\"}} 0"
+        );
+        assert!(
+            registered.contains(&series),
+            "{series} missing:\n{registered}"
+        );
+    }
+    assert!(registered.contains("sluice_connection_duration_seconds_count{listener=\"front\"} 0"));
     let mut stream = TcpStream::connect(&listen).await.unwrap();
     // A byte each way every 20 ms for 3 s: never quiet for 300 ms.
     let started = Instant::now();

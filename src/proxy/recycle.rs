@@ -66,14 +66,14 @@ impl Reason {
     }
 }
 
-/// Counts a recycle in `sluice_connections_recycled_total`.
-fn count_recycled(listener: &str, reason: Reason) {
+/// Adds to `sluice_connections_recycled_total`.
+fn count_recycled_by(listener: &str, reason: Reason, recycles: u64) {
     metrics::counter!(
         names::CONNECTIONS_RECYCLED_TOTAL,
         "listener" => listener.to_owned(),
         "reason" => reason.as_str(),
     )
-    .increment(1);
+    .increment(recycles);
 }
 
 /// How the rebalancer asks one connection's relay to recycle it. The relay
@@ -371,6 +371,11 @@ impl Drop for Registration {
 /// the listener's settings and group as they are at each round, so a reload
 /// applies at once. Ends when `stop` fires.
 pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToken) {
+    let name = listener.load().config.name.clone();
+    // Every series exists from the start, at 0, so dashboards and alerts
+    // see the listener before its first recycle.
+    let _ = metrics::histogram!(names::CONNECTION_DURATION, "listener" => name.clone());
+    let mut counters_registered = false;
     let mut ticks = tokio::time::interval(REBALANCE_TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Whole recycles the rate allows now; at most one tick's worth is kept,
@@ -383,6 +388,12 @@ pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToke
         }
         let context = listener.load();
         let config = &context.config.recycle;
+        if config.recycles() && !counters_registered {
+            for reason in [Reason::Age, Reason::Rebalance, Reason::Drain] {
+                count_recycled_by(&name, reason, 0);
+            }
+            counters_registered = true;
+        }
         if !config.rebalance && config.max_connection_age.is_none() {
             continue;
         }
@@ -434,7 +445,7 @@ impl Watch {
     /// connection by `deadline` at the latest.
     pub(super) fn start_closing(&mut self, reason: Reason, deadline: Instant) {
         self.closing = Some((reason, deadline));
-        count_recycled(&self.listener, reason);
+        count_recycled_by(&self.listener, reason, 1);
     }
 
     /// Bytes were read from one side, to be written to the other.

@@ -31,9 +31,8 @@ pub async fn reload(sluice: &Sluice, config: &str) {
     assert!(outcome.contains("configuration reloaded"), "{outcome}");
 }
 
-/// The value of one series in `/metrics` on `admin` (0 when absent), e.g.
-/// `sluice_connections_recycled_total{listener="front",reason="age"}`.
-pub async fn metric(admin: &str, series: &str) -> f64 {
+/// The text of `/metrics` on `admin`.
+pub async fn metrics_text(admin: &str) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n")
@@ -42,6 +41,13 @@ pub async fn metric(admin: &str, series: &str) -> f64 {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// The value of one series in `/metrics` on `admin` (0 when absent), e.g.
+/// `sluice_connections_recycled_total{listener="front",reason="age"}`.
+pub async fn metric(admin: &str, series: &str) -> f64 {
+    metrics_text(admin)
+        .await
         .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
