@@ -426,9 +426,6 @@ where
         let watch = self.watch.as_mut()?;
         let now = Instant::now();
         let wake_at = match watch.closing {
-            Some((reason, _)) if self.upstream_done && self.client_done => {
-                return Some(RelayEnd::Recycled(reason))
-            }
             Some((reason, deadline)) if now >= deadline => return Some(RelayEnd::Recycled(reason)),
             Some((_, deadline)) => deadline,
             None => {
