@@ -641,6 +641,78 @@ mod tests {
         );
     }
 
+    fn is_now(quiet: Quiet) -> bool {
+        matches!(quiet, Quiet::Now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opaque_quiet_needs_an_answer_then_silence() {
+        let config = RecycleConfig {
+            quiet_period: Duration::from_millis(200),
+            ..RecycleConfig::default()
+        };
+        let mut watch = Watch::new("l", &config, Arc::default());
+        watch.read(Direction::ToUpstream, b"get k\r\n");
+        assert!(
+            matches!(watch.quiet(Instant::now()), Quiet::No),
+            "request in flight"
+        );
+        watch.wrote(Direction::ToUpstream, 7);
+        assert!(
+            matches!(watch.quiet(Instant::now()), Quiet::No),
+            "not answered"
+        );
+        watch.read(Direction::ToClient, b"END\r\n");
+        watch.wrote(Direction::ToClient, 3);
+        assert!(
+            matches!(watch.quiet(Instant::now()), Quiet::No),
+            "answer half written"
+        );
+        watch.wrote(Direction::ToClient, 2);
+        watch.last_progress = Instant::now();
+        let at = watch.last_progress + config.quiet_period;
+        assert!(matches!(watch.quiet(Instant::now()), Quiet::At(when) if when == at));
+        tokio::time::advance(config.quiet_period).await;
+        assert!(is_now(watch.quiet(Instant::now())));
+        // The client speaks again: no longer answered.
+        watch.read(Direction::ToUpstream, b"g");
+        watch.wrote(Direction::ToUpstream, 1);
+        assert!(matches!(watch.quiet(Instant::now()), Quiet::No));
+    }
+
+    #[test]
+    fn forward_quiet_is_a_boundary_with_every_chunk_acked() {
+        let config = RecycleConfig {
+            protocol: Protocol::Forward,
+            ..RecycleConfig::default()
+        };
+        let mut watch = Watch::new("l", &config, Arc::default());
+        assert!(is_now(watch.quiet(Instant::now())));
+        let options = rmpv::Value::Map(vec![("chunk".into(), "c1".into())]);
+        let message = rmpv::Value::Array(vec![
+            "tag".into(),
+            1.into(),
+            rmpv::Value::Map(vec![("log".into(), "x".into())]),
+            options,
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &message).expect("encodes");
+        watch.read(Direction::ToUpstream, &bytes);
+        watch.wrote(Direction::ToUpstream, bytes.len());
+        // No time passing makes it quiet: only the ack does.
+        assert!(matches!(watch.quiet(Instant::now()), Quiet::No));
+        let mut ack = Vec::new();
+        let reply = rmpv::Value::Map(vec![("ack".into(), "c1".into())]);
+        rmpv::encode::write_value(&mut ack, &reply).expect("encodes");
+        watch.read(Direction::ToClient, &ack);
+        assert!(
+            matches!(watch.quiet(Instant::now()), Quiet::No),
+            "ack not written yet"
+        );
+        watch.wrote(Direction::ToClient, ack.len());
+        assert!(is_now(watch.quiet(Instant::now())));
+    }
+
     #[test]
     fn closed_connections_leave_the_registry() {
         let registry = Arc::new(Registry::default());
