@@ -110,6 +110,7 @@ impl HalfDuplex {
             ready!(writer.as_mut().poll_flush(cx)).map_err(CopyError::Write)?;
             ready!(writer.as_mut().poll_shutdown(cx)).map_err(CopyError::Write)?;
             self.discarding = true;
+            self.need_flush = false;
             self.start = self.end;
             if let Some(watch) = watch.as_deref_mut() {
                 watch.dropped(direction);
