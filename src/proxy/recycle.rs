@@ -375,7 +375,9 @@ pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToke
     // Every series exists from the start, at 0, so dashboards and alerts
     // see the listener before its first recycle.
     let _ = metrics::histogram!(names::CONNECTION_DURATION, "listener" => name.clone());
-    let mut counters_registered = false;
+    for reason in [Reason::Age, Reason::Rebalance, Reason::Drain] {
+        count_recycled_by(&name, reason, 0);
+    }
     let mut ticks = tokio::time::interval(REBALANCE_TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Whole recycles the rate allows now; at most one tick's worth is kept,
@@ -388,12 +390,6 @@ pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToke
         }
         let context = listener.load();
         let config = &context.config.recycle;
-        if config.recycles() && !counters_registered {
-            for reason in [Reason::Age, Reason::Rebalance, Reason::Drain] {
-                count_recycled_by(&name, reason, 0);
-            }
-            counters_registered = true;
-        }
         if !config.rebalance && config.max_connection_age.is_none() {
             continue;
         }
