@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::forward::ForwardFollower;
 use super::relay::Direction;
 use super::ListenerContext;
-use crate::balancer::PeerState;
+use crate::balancer::{effective_weight, PeerState};
 use crate::config::{Protocol, RecycleConfig};
 use crate::metrics::names;
 use crate::upstream::Upstream;
@@ -329,8 +329,10 @@ impl Registry {
 }
 
 /// The eligible primary peers of the group's build and their weights: the
-/// peers a fair share is computed over.
+/// peers a fair share is computed over. A peer in its `slow_start` counts
+/// with its ramped weight, so its share grows as the ramp climbs.
 fn eligible_weights(group: &Upstream) -> Vec<(usize, u64)> {
+    let now = std::time::Instant::now();
     group
         .peers
         .iter()
@@ -338,7 +340,15 @@ fn eligible_weights(group: &Upstream) -> Vec<(usize, u64)> {
         .filter(|(index, peer)| {
             !peer.server.backup && !peer.draining && group.peer_state(*index) == PeerState::Up
         })
-        .map(|(index, peer)| (index, u64::from(peer.server.weight)))
+        .map(|(index, peer)| {
+            let weight = effective_weight(
+                peer.server.weight,
+                peer.server.slow_start,
+                peer.health.recovered_at(),
+                now,
+            );
+            (index, weight)
+        })
         .collect()
 }
 
