@@ -601,3 +601,38 @@ async fn bytes_the_client_sends_after_the_recycle_fin_still_reach_the_upstream()
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_transfer_is_relayed_whole_then_recycled_once_quiet() {
+    let backend = Backend::tcp("echo", Behavior::Echo).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let extra = "max_connection_age = \"1s\"\nquiet_period = \"100ms\"";
+    let text = format!(
+        "{}\n[admin]\nbind = \"{admin}\"\n",
+        config(&listen, extra, "", &[server(backend.addr, "")])
+    );
+    let _sluice = Sluice::start(&text).await;
+    let stream = TcpStream::connect(&listen).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // 8 MiB each way, past the connection's age: bulk data is never cut.
+    let data = payload(8 * 1024 * 1024, 7);
+    let expected = sha256(&data);
+    let sending = tokio::spawn(async move {
+        for chunk in data.chunks(256 * 1024) {
+            writer.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        writer
+    });
+    let mut echoed = vec![0u8; 8 * 1024 * 1024];
+    reader.read_exact(&mut echoed).await.unwrap();
+    let _writer = sending.await.unwrap();
+    assert_eq!(sha256(&echoed), expected);
+    // Quiet now, and older than its age: recycled.
+    let mut rest = Vec::new();
+    let fin = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+    assert!(fin.is_ok(), "not recycled once quiet");
+    assert!(rest.is_empty());
+    let series = "sluice_connections_recycled_total{listener=\"front\",reason=\"age\"}";
+    assert_eq!(metric(&admin, series).await, 1.0);
+}

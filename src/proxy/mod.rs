@@ -303,9 +303,8 @@ async fn establish<'a>(
 }
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
-/// anything else (TLS, other systems), and every connection that may be
-/// recycled (a `watch`: its bytes are followed), is copied through
-/// user-space buffers.
+/// anything else (TLS, other systems), and connections whose bytes are
+/// followed (`protocol = "forward"`), is copied through user-space buffers.
 async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
@@ -315,9 +314,17 @@ async fn relay_streams(
     report: impl FnMut(u64, u64),
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
-    if watch.is_none() {
+    if !watch.as_ref().is_some_and(Watch::follows_bytes) {
         if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-            return splice::relay(client, upstream, idle_timeout, report_interval, report).await;
+            return splice::relay(
+                client,
+                upstream,
+                idle_timeout,
+                report_interval,
+                watch,
+                report,
+            )
+            .await;
         }
     }
     relay(

@@ -454,9 +454,21 @@ impl Watch {
         count_recycled_by(&self.listener, reason, 1);
     }
 
+    /// Whether the relay must see the bytes (`forward`); an opaque watch
+    /// needs only their counts, so the kernel may splice them.
+    pub fn follows_bytes(&self) -> bool {
+        self.forward.is_some()
+    }
+
+    /// `count` bytes were read from one side, unseen (spliced), to be
+    /// written to the other.
+    pub(super) fn arrived(&mut self, direction: Direction, count: usize) {
+        self.in_flight[direction as usize] += count as u64;
+    }
+
     /// Bytes were read from one side, to be written to the other.
     pub(super) fn read(&mut self, direction: Direction, bytes: &[u8]) {
-        self.in_flight[direction as usize] += bytes.len() as u64;
+        self.arrived(direction, bytes.len());
         if let Some(forward) = &mut self.forward {
             match direction {
                 Direction::ToUpstream => forward.client_bytes(bytes),
