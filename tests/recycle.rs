@@ -636,3 +636,28 @@ async fn a_bulk_transfer_is_relayed_whole_then_recycled_once_quiet() {
     let series = "sluice_connections_recycled_total{listener=\"front\",reason=\"age\"}";
     assert_eq!(metric(&admin, series).await, 1.0);
 }
+
+#[test]
+fn check_prints_the_recycling_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let text = config(
+        "127.0.0.1:1",
+        "protocol = \"forward\"\nrebalance = true\nmax_connection_age = \"15m\"",
+        "",
+        &[server("127.0.0.1:2", "")],
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, stdout, stderr) = run_sluice(
+        &["--check", "--config", path.to_str().unwrap()],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(
+            "recycling: protocol forward quiet_period 200ms max_connection_age 15m rebalance on rebalance_rate 20/s"
+        ),
+        "{stdout}"
+    );
+}
