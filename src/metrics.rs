@@ -22,12 +22,20 @@ pub mod names {
     pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_seconds";
     pub const UPSTREAM_QUEUED: &str = "sluice_upstream_queued";
     pub const UPSTREAM_DRAINING_CONNECTIONS: &str = "sluice_upstream_draining_connections";
+    pub const CONNECTIONS_RECYCLED_TOTAL: &str = "sluice_connections_recycled_total";
+    pub const CONNECTION_DURATION: &str = "sluice_connection_duration_seconds";
 }
 
 /// Upper bounds of the connect-duration buckets, in seconds: loopback and
 /// LAN connects land in the first few, timeouts in the last.
 const CONNECT_DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Upper bounds of the connection-duration buckets, in seconds: from
+/// one-request connections to the hours Forward senders hold theirs.
+const CONNECTION_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
 ];
 
 /// How often histogram samples are folded into their buckets when nobody
@@ -50,6 +58,10 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .set_buckets_for_metric(
             Matcher::Full(names::UPSTREAM_CONNECT_DURATION.to_owned()),
             CONNECT_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(names::CONNECTION_DURATION.to_owned()),
+            CONNECTION_DURATION_BUCKETS,
         )?
         .build_recorder();
     let handle = recorder.handle();
@@ -122,5 +134,14 @@ fn describe() {
         names::UPSTREAM_CONNECT_DURATION,
         Unit::Seconds,
         "Time to connect to the server, successful attempts only."
+    );
+    describe_counter!(
+        names::CONNECTIONS_RECYCLED_TOTAL,
+        "Connections closed at a quiet moment to be balanced anew (reason: age, rebalance, drain)."
+    );
+    describe_histogram!(
+        names::CONNECTION_DURATION,
+        Unit::Seconds,
+        "How long relayed client connections of the listener lasted, accept to close."
     );
 }

@@ -6,12 +6,14 @@ mod address;
 mod error;
 pub mod fluent_bit;
 pub mod limits;
+mod recycle;
 mod tls_settings;
 mod toml;
 mod types;
 
 pub use address::Address;
 pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
+pub use recycle::{Protocol, RecycleConfig, MAX_REBALANCE_RATE};
 pub use tls_settings::{
     parse_server_name, ClientTlsSettings, InvalidServerName, NamesFile, PemKind, ServerTlsSettings,
 };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{
     Address, Balance, ClientTlsSettings, FileLines, HashRing, KeyLine, ProxyProtocol,
-    ServerTlsSettings,
+    RecycleConfig, ServerTlsSettings,
 };
 
 /// Server defaults (SPEC §2), shared by the TOML reader and Fluent Bit nodes.
@@ -54,6 +54,8 @@ pub struct ListenerConfig {
     pub tls_lines: FileLines,
     /// One access-log line per client connection at its close.
     pub access_log: bool,
+    /// Recycling and rebalancing long-lived connections (SPEC §9).
+    pub recycle: RecycleConfig,
 }
 
 /// The admin HTTP endpoint (SPEC §5).

@@ -44,6 +44,19 @@ pub fn summary(config: &Config, upstreams: &BTreeMap<String, Arc<Upstream>>) -> 
             on_off(listener.accept_proxy_protocol),
             on_off(listener.access_log),
         );
+        let recycle = &listener.recycle;
+        if recycle.recycles() {
+            let _ = writeln!(
+                out,
+                "  recycling: protocol {} quiet_period {} max_connection_age {} rebalance {} rebalance_rate {}/s access_log_interval {}",
+                recycle.protocol.name(),
+                humantime::format_duration(recycle.quiet_period),
+                optional_duration(recycle.max_connection_age),
+                on_off(recycle.rebalance),
+                recycle.rebalance_rate,
+                optional_duration(recycle.access_log_interval),
+            );
+        }
         if let Some(tls) = &listener.tls {
             let _ = writeln!(
                 out,

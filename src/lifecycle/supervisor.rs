@@ -19,6 +19,7 @@ use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError}
 use crate::net::listen::{
     accept_loop, bind, BindError, BoundSocket, ListenerCounts, ListenerReport,
 };
+use crate::proxy::recycle::{self, Reason};
 use crate::proxy::{serve_connection, ListenerContext};
 use crate::upstream::runtime::Runtime;
 use crate::upstream::state_file::{self, Seed};
@@ -220,6 +221,14 @@ impl Supervisor {
     /// for open connections. Returns how many were still open.
     pub async fn drain(self) -> usize {
         self.stop.cancel();
+        // Listeners that recycle close each connection at its next quiet
+        // moment instead of waiting for shutdown_timeout to cut it.
+        for running in self.listeners.values() {
+            let context = running.context.load();
+            if context.config.recycle.recycles() {
+                context.recycling.request_all(Reason::Drain);
+            }
+        }
         for running in self.upstreams.into_values() {
             stop_tasks(running.tasks).await;
         }
@@ -333,13 +342,15 @@ impl Supervisor {
         summary.upstreams_removed.extend(old_upstreams.into_keys());
 
         let mut old_listeners = std::mem::take(&mut self.listeners);
-        for (context, plan) in prepared.listeners {
+        for (mut context, plan) in prepared.listeners {
             let listener = context.config.clone();
             let running = match (plan, old_listeners.remove(&listener.name)) {
                 (ListenerPlan::Keep, Some(running)) => {
                     if running.config != listener {
                         summary.listeners_changed.push(listener.name.clone());
                     }
+                    // Its open connections stay registered for rebalancing.
+                    context.recycling = Arc::clone(&running.context.load().recycling);
                     running.context.store(Arc::new(context));
                     RunningListener {
                         config: listener.clone(),
@@ -406,6 +417,8 @@ impl Supervisor {
                 Arc::clone(&counts),
             )));
         }
+        // On the control thread, like the upstreams' background tasks.
+        tokio::spawn(recycle::run(Arc::clone(&context), stop.clone()));
         info!(listener = config.name.as_str(), address = %socket.local_addr(), upstream = config.upstream.as_str(), workers = self.workers.len(), "listening");
         RunningListener {
             config,

@@ -28,6 +28,8 @@ pub enum Close<'a> {
     UpstreamError(&'a (dyn fmt::Display + Sync)),
     /// No peer could take the connection.
     NoPeer(&'a (dyn fmt::Display + Sync)),
+    /// Recycled at a quiet moment (SPEC §9), for this reason.
+    Recycled(&'static str),
 }
 
 impl Close<'_> {
@@ -38,6 +40,7 @@ impl Close<'_> {
             Close::ClientError(_) => "client_error",
             Close::UpstreamError(_) => "upstream_error",
             Close::NoPeer(_) => "no_peer",
+            Close::Recycled(_) => "recycled",
         }
     }
 
@@ -47,6 +50,7 @@ impl Close<'_> {
             Close::ClientError(why) | Close::UpstreamError(why) | Close::NoPeer(why) => {
                 Some(why.to_string())
             }
+            Close::Recycled(reason) => Some((*reason).to_owned()),
         }
     }
 }
@@ -104,6 +108,28 @@ impl<'a> AccessRecord<'a> {
                 let _ = write!(record.tries, "{label} failed ({reason})");
             }
         }
+    }
+
+    /// Writes an interim line for a connection still open (the listener's
+    /// `access_log_interval`): its bytes so far, `close = "open"`.
+    pub fn interim(&self, peer: &str, sent: u64, received: u64) {
+        let Some(record) = self.0.as_ref() else {
+            return;
+        };
+        tracing::info!(
+            target: TARGET,
+            listener = record.listener,
+            client = %record.client,
+            upstream = record.upstream,
+            peer,
+            tries = record.tries.as_str(),
+            connect_ms = record.connect_time.map(millis),
+            sent,
+            received,
+            duration_ms = millis(record.accepted.elapsed()),
+            close = "open",
+            "access"
+        );
     }
 
     /// Writes the line. `peer` is the peer relayed to, if any.
@@ -164,5 +190,7 @@ mod tests {
             Some("connection reset")
         );
         assert_eq!(Close::NoPeer(&why).keyword(), "no_peer");
+        assert_eq!(Close::Recycled("age").keyword(), "recycled");
+        assert_eq!(Close::Recycled("age").detail().as_deref(), Some("age"));
     }
 }

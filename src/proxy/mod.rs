@@ -3,7 +3,10 @@
 //! relay, and its access line.
 
 pub mod access_log;
+mod direction;
+mod forward;
 pub mod proxy_protocol;
+pub mod recycle;
 pub mod relay;
 pub mod retry;
 #[cfg(target_os = "linux")]
@@ -28,7 +31,8 @@ use crate::upstream::queue::Place;
 use crate::upstream::{Attempt, Lease, SharedUpstream, Upstream};
 use access_log::{AccessRecord, Close, TryOutcome};
 use proxy_protocol::Origin;
-use relay::{relay, RelayEnd, RelayOutcome, Side};
+use recycle::{Registry, Watch};
+use relay::{relay, RelayEnd, RelayOutcome, Side, TRAFFIC_REPORT_INTERVAL};
 use retry::{connect_first, AttemptError, Candidates, RetryLimits, Unavailable};
 
 /// What a listener's connections need: its settings and its upstream group.
@@ -40,6 +44,9 @@ pub struct ListenerContext {
     pub tls: Option<TlsAcceptor>,
     /// Counts and log limits of failed client handshakes, with `tls`.
     handshake_errors: Option<HandshakeErrors>,
+    /// The listener's open connections that may be recycled (SPEC §9). A
+    /// reload keeps the running listener's registry in its new context.
+    pub recycling: Arc<Registry>,
 }
 
 impl ListenerContext {
@@ -62,6 +69,7 @@ impl ListenerContext {
             upstream,
             tls,
             handshake_errors,
+            recycling: Arc::default(),
         })
     }
 }
@@ -72,6 +80,7 @@ pub async fn serve_connection(
     client_addr: ClientAddr,
     context: Arc<ListenerContext>,
 ) {
+    let accepted = Instant::now();
     let group = context.upstream.load_full();
     // Boxed: the PROXY header, the TLS handshake and the connect attempts
     // take far more state than the relay and are over in moments; inline,
@@ -92,6 +101,27 @@ pub async fn serve_connection(
     let peer = &build.peers[lease.index()];
     #[cfg(debug_assertions)]
     test_hooks::panic_if_asked(&peer.label);
+    let recycle = &context.config.recycle;
+    let registration = recycle.recycles().then(|| {
+        context
+            .recycling
+            .register(&peer.label, recycle.max_connection_age)
+    });
+    let watch = registration.as_ref().map(|registration| {
+        Watch::new(
+            &context.config.name,
+            recycle,
+            Arc::clone(&registration.signal),
+        )
+    });
+    let report_interval = recycle
+        .access_log_interval
+        .map_or(TRAFFIC_REPORT_INTERVAL, |interval| {
+            interval.min(TRAFFIC_REPORT_INTERVAL)
+        });
+    let mut interim = recycle
+        .access_log_interval
+        .map(|interval| InterimLines::new(interval, accepted));
     // What was relayed so far, for the access line of a connection closed
     // through the runtime API.
     let (total_sent, total_received) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -100,10 +130,15 @@ pub async fn serve_connection(
             &mut client,
             &mut upstream_stream,
             context.config.idle_timeout,
+            report_interval,
+            watch,
             |sent, received| {
                 peer.stats.relayed(sent, received);
                 total_sent.fetch_add(sent, Ordering::Relaxed);
                 total_received.fetch_add(received, Ordering::Relaxed);
+                if let Some(interim) = &mut interim {
+                    interim.relayed(sent, received, &access, &peer.label);
+                }
             },
         ) => outcome,
         () = peer.close.cancelled() => RelayOutcome {
@@ -116,8 +151,11 @@ pub async fn serve_connection(
         },
     };
     // Free the peer before reporting, so whoever reads the report sees it free.
+    drop(registration);
     drop(lease);
     let listener = context.config.name.as_str();
+    metrics::histogram!(crate::metrics::names::CONNECTION_DURATION, "listener" => listener.to_owned())
+        .record(accepted.elapsed().as_secs_f64());
     let upstream = group.name.as_str();
     let peer = peer.label.as_str();
     let (sent, received) = (outcome.sent, outcome.received);
@@ -126,6 +164,7 @@ pub async fn serve_connection(
         RelayEnd::Idle => Close::Idle,
         RelayEnd::Error(Side::Client, err) => Close::ClientError(err),
         RelayEnd::Error(Side::Upstream, err) => Close::UpstreamError(err),
+        RelayEnd::Recycled(reason) => Close::Recycled(reason.as_str()),
     };
     access.finish(Some(peer), sent, received, close);
     match outcome.end {
@@ -137,6 +176,40 @@ pub async fn serve_connection(
         }
         RelayEnd::Error(side, err) => {
             warn!(listener, upstream, peer, client = %client_addr, sent, received, side = ?side, reason = %err, "connection closed on error")
+        }
+        RelayEnd::Recycled(reason) => {
+            info!(listener, upstream, peer, client = %client_addr, sent, received, reason = reason.as_str(), "connection recycled at a quiet moment")
+        }
+    }
+}
+
+/// Interim access lines of a long connection, one per `access_log_interval`
+/// while bytes move, each with the bytes so far.
+struct InterimLines {
+    interval: Duration,
+    next: Instant,
+    sent: u64,
+    received: u64,
+}
+
+impl InterimLines {
+    fn new(interval: Duration, accepted: Instant) -> Self {
+        InterimLines {
+            interval,
+            next: accepted + interval,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    /// The relay reports bytes moved since its last report.
+    fn relayed(&mut self, sent: u64, received: u64, access: &AccessRecord<'_>, peer: &str) {
+        self.sent += sent;
+        self.received += received;
+        let now = Instant::now();
+        if now >= self.next {
+            access.interim(peer, self.sent, self.received);
+            self.next = now + self.interval;
         }
     }
 }
@@ -233,12 +306,18 @@ async fn establish<'a>(
         build = context.upstream.load_full();
     }
     let connected = loop {
+        let over_share = if context.config.recycle.rebalance {
+            context.recycling.over_share(&build)
+        } else {
+            Vec::new()
+        };
         let mut candidates = GroupCandidates {
             listener,
             group: &build,
             client_addr,
             key: hash_key(&build.balance, client_addr),
             tried: Tried::default(),
+            over_share,
             proxy_header: &proxy_header,
             client_spoke: has_bytes_waiting(&client),
             access: &mut access,
@@ -296,18 +375,39 @@ fn turned_away<T>(
 }
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
-/// anything else (TLS, other systems) is copied through user-space buffers.
+/// anything else (TLS, other systems), and connections whose bytes are
+/// followed (`protocol = "forward"`), is copied through user-space buffers.
 async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
+    watch: Option<Watch>,
     report: impl FnMut(u64, u64),
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
-    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-        return splice::relay(client, upstream, idle_timeout, report).await;
+    if !watch.as_ref().is_some_and(Watch::follows_bytes) {
+        if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
+            return splice::relay(
+                client,
+                upstream,
+                idle_timeout,
+                report_interval,
+                watch,
+                report,
+            )
+            .await;
+        }
     }
-    relay(client, upstream, idle_timeout, report).await
+    relay(
+        client,
+        upstream,
+        idle_timeout,
+        report_interval,
+        watch,
+        report,
+    )
+    .await
 }
 
 /// The peers of one group as one client connection may try them.
@@ -318,6 +418,9 @@ struct GroupCandidates<'r, 'a> {
     /// What `balance = "hash"` hashes; empty for other methods.
     key: Vec<u8>,
     tried: Tried,
+    /// Peers above their fair share while shares drift (`rebalance`): the
+    /// first pick avoids them if another peer can take the connection.
+    over_share: Vec<usize>,
     proxy_header: &'r [u8],
     client_spoke: bool,
     access: &'r mut AccessRecord<'a>,
@@ -328,6 +431,16 @@ impl Candidates for GroupCandidates<'_, '_> {
     type Connection = Stream;
 
     fn next(&mut self) -> Option<Attempt> {
+        if !self.over_share.is_empty() {
+            let mut avoid = self.tried.clone();
+            for &index in &std::mem::take(&mut self.over_share) {
+                avoid.insert(index);
+            }
+            if let Some(attempt) = self.group.select(&mut avoid, &self.key) {
+                self.tried.insert(attempt.index());
+                return Some(attempt);
+            }
+        }
         self.group.select(&mut self.tried, &self.key)
     }
 

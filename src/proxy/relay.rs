@@ -10,9 +10,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
-/// How often a long connection's byte counts are reported; short
-/// connections report once, at close.
-const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) use super::direction::Direction;
+use super::recycle::{Quiet, Reason, Watch, RECYCLE_LINGER};
+
+/// How often a long connection's byte counts are reported, unless the
+/// listener's `access_log_interval` is shorter; short connections report
+/// once, at close.
+pub const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// When neither a report nor an idle deadline is due (no idle_timeout, no
 /// bytes since the last report) the timer cannot be left unset: it is set
@@ -40,6 +44,9 @@ pub enum RelayEnd {
     Idle,
     /// A read or write on one side failed (often a reset).
     Error(Side, io::Error),
+    /// Recycled at a quiet moment (SPEC §9); whatever happened after
+    /// sluice's FIN to the client is part of the recycle.
+    Recycled(Reason),
 }
 
 #[derive(Debug)]
@@ -59,6 +66,8 @@ struct HalfDuplex {
     end: usize,
     read_done: bool,
     need_flush: bool,
+    /// Recycling: the client's side is shut; bytes read are dropped.
+    discarding: bool,
 }
 
 pub(super) enum CopyError {
@@ -74,9 +83,11 @@ impl HalfDuplex {
             end: 0,
             read_done: false,
             need_flush: false,
+            discarding: false,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -84,11 +95,28 @@ impl HalfDuplex {
         mut writer: Pin<&mut W>,
         bytes: &mut u64,
         progressed: &mut bool,
+        direction: Direction,
+        mut watch: Option<&mut Watch>,
     ) -> Poll<Result<(), CopyError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        if direction == Direction::ToClient
+            && !self.discarding
+            && watch.as_ref().is_some_and(|watch| watch.closing.is_some())
+        {
+            // The recycle's FIN to the client; what the upstream still
+            // sends cannot reach the client any more.
+            ready!(writer.as_mut().poll_flush(cx)).map_err(CopyError::Write)?;
+            ready!(writer.as_mut().poll_shutdown(cx)).map_err(CopyError::Write)?;
+            self.discarding = true;
+            self.need_flush = false;
+            self.start = self.end;
+            if let Some(watch) = watch.as_deref_mut() {
+                watch.dropped(direction);
+            }
+        }
         loop {
             if self.start == self.end && !self.read_done {
                 let mut read_buf = ReadBuf::new(&mut self.buf);
@@ -97,10 +125,15 @@ impl HalfDuplex {
                         let filled = read_buf.filled().len();
                         if filled == 0 {
                             self.read_done = true;
+                        } else if self.discarding {
+                            *progressed = true;
                         } else {
                             self.start = 0;
                             self.end = filled;
                             *progressed = true;
+                            if let Some(watch) = watch.as_deref_mut() {
+                                watch.read(direction, &self.buf[..filled]);
+                            }
                         }
                     }
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(CopyError::Read(err))),
@@ -127,6 +160,12 @@ impl HalfDuplex {
                 *bytes += written as u64;
                 self.need_flush = true;
                 *progressed = true;
+                if let Some(watch) = watch.as_deref_mut() {
+                    watch.wrote(direction, written);
+                }
+            }
+            if self.read_done && self.discarding {
+                return Poll::Ready(Ok(()));
             }
             if self.read_done {
                 ready!(writer.as_mut().poll_flush(cx)).map_err(CopyError::Write)?;
@@ -137,14 +176,17 @@ impl HalfDuplex {
     }
 }
 
-/// Relays until both directions have finished, one side fails, or nothing
-/// moves for `idle_timeout`. `report` is given the bytes written each way
-/// (client → upstream, upstream → client) since its previous call, every
-/// TRAFFIC_REPORT_INTERVAL and at the end.
+/// Relays until both directions have finished, one side fails, nothing
+/// moves for `idle_timeout`, or (with a `watch`) the connection is recycled.
+/// `report` is given the bytes written each way (client → upstream,
+/// upstream → client) since its previous call, every `report_interval`
+/// while bytes move, and at the end.
 pub fn relay<'a, C, U, R>(
     client: &'a mut C,
     upstream: &'a mut U,
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
+    watch: Option<Watch>,
     report: R,
 ) -> impl Future<Output = RelayOutcome> + 'a
 where
@@ -156,14 +198,18 @@ where
     let mut to_client = HalfDuplex::new();
     drive(
         idle_timeout,
+        report_interval,
+        watch,
         report,
-        move |cx, direction, bytes, progressed| match direction {
+        move |cx, direction, bytes, progressed, watch| match direction {
             Direction::ToUpstream => to_upstream.poll_copy(
                 cx,
                 Pin::new(&mut *client),
                 Pin::new(&mut *upstream),
                 bytes,
                 progressed,
+                direction,
+                watch,
             ),
             Direction::ToClient => to_client.poll_copy(
                 cx,
@@ -171,40 +217,41 @@ where
                 Pin::new(&mut *client),
                 bytes,
                 progressed,
+                direction,
+                watch,
             ),
         },
     )
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Direction {
-    ToUpstream,
-    ToClient,
-}
-
-/// Polls both directions until both are done, one fails, or nothing moves
-/// for `idle_timeout`, reporting the bytes written as [`relay`] describes. A
-/// direction adds the bytes it writes to its `bytes` and tells whether it
-/// moved a byte through its `progressed` flag.
+/// Polls both directions until both are done, one fails, nothing moves
+/// for `idle_timeout`, or the `watch` recycles the connection, reporting the
+/// bytes written as [`relay`] describes. A direction adds the bytes it
+/// writes to its `bytes`, tells whether it moved a byte through its
+/// `progressed` flag, and shows the bytes it moves to the watch it is given.
 ///
 /// The future holds just this state (the relays are plain functions, not
 /// nested `async fn`s that would each keep copies of their arguments): it
 /// lives in the connection's task for the connection's whole life.
 pub(super) fn drive<R, P>(
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
+    watch: Option<Watch>,
     report: R,
     poll_direction: P,
 ) -> impl Future<Output = RelayOutcome>
 where
     R: FnMut(u64, u64),
-    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
+    P: PollDirection,
 {
     let now = Instant::now();
-    let next_report = Some(now + TRAFFIC_REPORT_INTERVAL);
+    let next_report = Some(now + report_interval);
     let mut driver = Driver {
         poll_direction,
         report,
         idle_timeout,
+        report_interval,
+        watch,
         upstream_done: false,
         client_done: false,
         sent: 0,
@@ -223,13 +270,40 @@ where
     poll_fn(move |cx| driver.poll(cx))
 }
 
-/// The state of one relay. One timer serves both the idle timeout and the
-/// reports: it is set for the earlier of the two deadlines and re-armed only
+/// What [`drive`] polls for one direction: `(cx, direction, bytes,
+/// progressed, watch)`.
+pub(super) trait PollDirection:
+    FnMut(
+    &mut Context<'_>,
+    Direction,
+    &mut u64,
+    &mut bool,
+    Option<&mut Watch>,
+) -> Poll<Result<(), CopyError>>
+{
+}
+
+impl<P> PollDirection for P where
+    P: FnMut(
+        &mut Context<'_>,
+        Direction,
+        &mut u64,
+        &mut bool,
+        Option<&mut Watch>,
+    ) -> Poll<Result<(), CopyError>>
+{
+}
+
+/// The state of one relay. One timer serves the idle timeout, the reports
+/// and recycling: it is set for the earliest deadline and re-armed only
 /// when it fires, not on every byte.
 struct Driver<R, P> {
     poll_direction: P,
     report: R,
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
+    /// Recycling at a quiet moment, on listeners that recycle.
+    watch: Option<Watch>,
     upstream_done: bool,
     client_done: bool,
     /// Bytes written so far, and as of the last report, each way.
@@ -248,7 +322,7 @@ struct Driver<R, P> {
 impl<R, P> Driver<R, P>
 where
     R: FnMut(u64, u64),
-    P: FnMut(&mut Context<'_>, Direction, &mut u64, &mut bool) -> Poll<Result<(), CopyError>>,
+    P: PollDirection,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayOutcome> {
         let end = ready!(self.poll_end(cx));
@@ -263,14 +337,19 @@ where
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let mut progressed = false;
         if !self.upstream_done {
-            match (self.poll_direction)(cx, Direction::ToUpstream, &mut self.sent, &mut progressed)
-            {
+            match (self.poll_direction)(
+                cx,
+                Direction::ToUpstream,
+                &mut self.sent,
+                &mut progressed,
+                self.watch.as_mut(),
+            ) {
                 Poll::Ready(Ok(())) => self.upstream_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
-                    return Poll::Ready(RelayEnd::Error(Side::Client, err))
+                    return Poll::Ready(self.ended(RelayEnd::Error(Side::Client, err)))
                 }
                 Poll::Ready(Err(CopyError::Write(err))) => {
-                    return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
+                    return Poll::Ready(self.ended(RelayEnd::Error(Side::Upstream, err)))
                 }
                 Poll::Pending => {}
             }
@@ -281,27 +360,31 @@ where
                 Direction::ToClient,
                 &mut self.received,
                 &mut progressed,
+                self.watch.as_mut(),
             ) {
                 Poll::Ready(Ok(())) => self.client_done = true,
                 Poll::Ready(Err(CopyError::Read(err))) => {
-                    return Poll::Ready(RelayEnd::Error(Side::Upstream, err))
+                    return Poll::Ready(self.ended(RelayEnd::Error(Side::Upstream, err)))
                 }
                 Poll::Ready(Err(CopyError::Write(err))) => {
-                    return Poll::Ready(RelayEnd::Error(Side::Client, err))
+                    return Poll::Ready(self.ended(RelayEnd::Error(Side::Client, err)))
                 }
                 Poll::Pending => {}
             }
         }
         if self.upstream_done && self.client_done {
-            return Poll::Ready(RelayEnd::Done);
+            return Poll::Ready(self.ended(RelayEnd::Done));
         }
         if progressed {
             if self.idle_timeout.is_some() {
                 self.last_progress = Instant::now();
             }
+            if let Some(watch) = &mut self.watch {
+                watch.last_progress = Instant::now();
+            }
             if self.next_report.is_none() {
                 // The first bytes after a quiet spell: reports resume.
-                let next_report = Instant::now() + TRAFFIC_REPORT_INTERVAL;
+                let next_report = Instant::now() + self.report_interval;
                 self.next_report = Some(next_report);
                 if next_report < self.timer.deadline() {
                     self.timer.as_mut().reset(next_report);
@@ -313,20 +396,65 @@ where
             if self.next_report.is_some_and(|at| now >= at) {
                 let moved =
                     (self.sent, self.received) != (self.sent_reported, self.received_reported);
-                self.next_report = moved.then_some(now + TRAFFIC_REPORT_INTERVAL);
+                self.next_report = moved.then_some(now + self.report_interval);
                 self.report_unreported();
             }
             let idle_deadline = self
                 .idle_timeout
                 .and_then(|timeout| self.last_progress.checked_add(timeout));
             if idle_deadline.is_some_and(|deadline| now >= deadline) {
-                return Poll::Ready(RelayEnd::Idle);
+                return Poll::Ready(self.ended(RelayEnd::Idle));
             }
             self.timer
                 .as_mut()
                 .reset(timer_deadline(now, self.next_report, idle_deadline));
         }
-        Poll::Pending
+        match self.poll_recycle(cx) {
+            Some(end) => Poll::Ready(end),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Starts the recycle once it was asked for and a quiet moment came,
+    /// or ends it once RECYCLE_LINGER has passed; arms the timer for what
+    /// it waits for.
+    fn poll_recycle(&mut self, cx: &mut Context<'_>) -> Option<RelayEnd> {
+        let watch = self.watch.as_mut()?;
+        let now = Instant::now();
+        let wake_at = match watch.closing {
+            Some((reason, deadline)) if now >= deadline => return Some(RelayEnd::Recycled(reason)),
+            Some((_, deadline)) => deadline,
+            None => {
+                let reason = watch.signal.poll_requested(cx)?;
+                match watch.quiet(now) {
+                    Quiet::Now => {
+                        let deadline = now + RECYCLE_LINGER;
+                        watch.start_closing(reason, deadline);
+                        // Polled again at once, the relay sends the FIN.
+                        cx.waker().wake_by_ref();
+                        deadline
+                    }
+                    Quiet::At(at) => at,
+                    // Bytes moving wake the relay to look again.
+                    Quiet::No => return None,
+                }
+            }
+        };
+        if wake_at < self.timer.deadline() {
+            self.timer.as_mut().reset(wake_at);
+            if self.timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        None
+    }
+
+    /// Once a recycle started, any end is the recycle's.
+    fn ended(&self, end: RelayEnd) -> RelayEnd {
+        match self.watch.as_ref().and_then(|watch| watch.closing) {
+            Some((reason, _)) => RelayEnd::Recycled(reason),
+            None => end,
+        }
     }
 
     fn report_unreported(&mut self) {
@@ -377,13 +505,19 @@ mod tests {
         let reports = Rc::new(RefCell::new(Vec::new()));
         let relay = drive(
             idle_timeout,
+            TRAFFIC_REPORT_INTERVAL,
+            None,
             {
                 let reports = Rc::clone(&reports);
                 move |sent, received| reports.borrow_mut().push((sent, received))
             },
             {
                 let pending = Rc::clone(&pending);
-                move |_: &mut Context<'_>, direction, bytes: &mut u64, progressed: &mut bool| {
+                move |_: &mut Context<'_>,
+                      direction,
+                      bytes: &mut u64,
+                      progressed: &mut bool,
+                      _: Option<&mut Watch>| {
                     if let Direction::ToUpstream = direction {
                         let moved = pending.replace(0);
                         *bytes += moved;

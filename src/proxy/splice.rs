@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 
+use super::recycle::Watch;
 use super::relay::{drive, CopyError, Direction, RelayOutcome};
 use crate::net::stream::PlainSocket;
 
@@ -171,9 +172,12 @@ struct PlainHalf {
     in_pipe: usize,
     bulk: bool,
     read_done: bool,
+    /// Recycling: the client's side is shut; bytes read are dropped.
+    discarding: bool,
 }
 
 impl PlainHalf {
+    #[allow(clippy::too_many_arguments)]
     fn poll_move(
         &mut self,
         cx: &mut Context<'_>,
@@ -181,7 +185,28 @@ impl PlainHalf {
         to: PlainSocket<'_>,
         bytes: &mut u64,
         progressed: &mut bool,
+        direction: Direction,
+        mut watch: Option<&mut Watch>,
     ) -> Poll<Result<(), CopyError>> {
+        if direction == Direction::ToClient
+            && !self.discarding
+            && watch.as_ref().is_some_and(|watch| watch.closing.is_some())
+        {
+            // The recycle's FIN to the client; what the upstream still
+            // sends is read into the buffer and dropped.
+            to.shutdown_write().map_err(CopyError::Write)?;
+            self.discarding = true;
+            self.bulk = false;
+            self.start = self.end;
+            // A pipe with bytes in it must not go back to the pool.
+            if self.in_pipe > 0 {
+                self.pipe = None;
+                self.in_pipe = 0;
+            }
+            if let Some(watch) = watch.as_deref_mut() {
+                watch.dropped(direction);
+            }
+        }
         loop {
             if self.start == self.end && self.in_pipe == 0 && !self.read_done {
                 ready!(from.poll_ready(cx, Interest::READABLE)).map_err(CopyError::Read)?;
@@ -192,7 +217,17 @@ impl PlainHalf {
                 };
                 match moved {
                     Ok(Some(0)) => self.read_done = true,
-                    Ok(Some(_)) => *progressed = true,
+                    Ok(Some(_)) if self.discarding => {
+                        self.start = self.end;
+                        self.bulk = false;
+                        *progressed = true;
+                    }
+                    Ok(Some(read)) => {
+                        *progressed = true;
+                        if let Some(watch) = watch.as_deref_mut() {
+                            watch.arrived(direction, read);
+                        }
+                    }
                     Ok(None) => {}
                     Err(err) => return Poll::Ready(Err(CopyError::Read(err))),
                 }
@@ -211,6 +246,9 @@ impl PlainHalf {
                         self.start += sent;
                         *bytes += sent as u64;
                         *progressed = true;
+                        if let Some(watch) = watch.as_deref_mut() {
+                            watch.wrote(direction, sent);
+                        }
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(err) => return Poll::Ready(Err(CopyError::Write(err))),
@@ -232,6 +270,9 @@ impl PlainHalf {
                         self.in_pipe -= moved;
                         *bytes += moved as u64;
                         *progressed = true;
+                        if let Some(watch) = watch.as_deref_mut() {
+                            watch.wrote(direction, moved);
+                        }
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(err) => return Poll::Ready(Err(CopyError::Write(err))),
@@ -243,6 +284,9 @@ impl PlainHalf {
             }
             if let Some(pipe) = self.pipe.take() {
                 pipe.give_back();
+            }
+            if self.read_done && self.discarding {
+                return Poll::Ready(Ok(()));
             }
             if self.read_done {
                 to.shutdown_write().map_err(CopyError::Write)?;
@@ -304,21 +348,30 @@ impl PlainHalf {
 
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
-/// counts given to `report`.
+/// counts given to `report`, and recycling with a `watch` that needs no
+/// sight of the bytes (`protocol = "opaque"`).
 pub fn relay<'a>(
     client: PlainSocket<'a>,
     upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
+    report_interval: Duration,
+    watch: Option<Watch>,
     report: impl FnMut(u64, u64) + 'a,
 ) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
     drive(
         idle_timeout,
+        report_interval,
+        watch,
         report,
-        move |cx, direction, bytes, progressed| match direction {
-            Direction::ToUpstream => to_upstream.poll_move(cx, client, upstream, bytes, progressed),
-            Direction::ToClient => to_client.poll_move(cx, upstream, client, bytes, progressed),
+        move |cx, direction, bytes, progressed, watch| match direction {
+            Direction::ToUpstream => {
+                to_upstream.poll_move(cx, client, upstream, bytes, progressed, direction, watch)
+            }
+            Direction::ToClient => {
+                to_client.poll_move(cx, upstream, client, bytes, progressed, direction, watch)
+            }
         },
     )
 }

@@ -369,6 +369,11 @@ impl Attempt {
         &self.upstream.peers[self.index]
     }
 
+    /// The peer's position in the group build the attempt came from.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// The attempt failed for `reason`: counts towards max_fails.
     pub fn failed(mut self, reason: &str) {
         self.settled = true;

@@ -50,6 +50,7 @@ impl Config {
             access_log: true,
             proxy_protocol: ProxyProtocol::Off,
             accept_proxy_protocol: false,
+            recycle: super::RecycleConfig::default(),
         };
         let upstream = UpstreamConfig {
             name: name.clone(),

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::limits::MAX_DURATION;
+use crate::config::recycle::Protocol;
 use crate::config::{quoted, Address};
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +48,15 @@ pub(super) struct RawListener {
     #[serde(default = "defaults::yes")]
     pub access_log: bool,
     pub tls: Option<RawListenerTls>,
+    // SPEC §9, checked in recycle.rs.
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub quiet_period: Option<Spanned<DurationValue>>,
+    pub max_connection_age: Option<Spanned<OptionalDuration>>,
+    #[serde(default)]
+    pub rebalance: bool,
+    pub rebalance_rate: Option<Spanned<u32>>,
+    pub access_log_interval: Option<Spanned<OptionalDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +271,47 @@ impl de::Visitor<'_> for DurationVisitor {
 
     fn visit_u64<E: de::Error>(self, seconds: u64) -> Result<DurationValue, E> {
         bounded(Duration::from_secs(seconds), || seconds.to_string())
+    }
+}
+
+/// A duration key that may also be `"off"`: `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::config) struct OptionalDuration(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for OptionalDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OptionalDurationVisitor)
+    }
+}
+
+struct OptionalDurationVisitor;
+
+impl de::Visitor<'_> for OptionalDurationVisitor {
+    type Value = OptionalDuration;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("\"off\", a duration like \"10s\", or a number of seconds")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<OptionalDuration, E> {
+        if text == "off" {
+            return Ok(OptionalDuration(None));
+        }
+        DurationVisitor
+            .visit_str(text)
+            .map(|value| OptionalDuration(Some(value.0)))
+    }
+
+    fn visit_i64<E: de::Error>(self, seconds: i64) -> Result<OptionalDuration, E> {
+        DurationVisitor
+            .visit_i64(seconds)
+            .map(|value| OptionalDuration(Some(value.0)))
+    }
+
+    fn visit_u64<E: de::Error>(self, seconds: u64) -> Result<OptionalDuration, E> {
+        DurationVisitor
+            .visit_u64(seconds)
+            .map(|value| OptionalDuration(Some(value.0)))
     }
 }
 

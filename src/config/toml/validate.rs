@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
+use super::raw::{
+    OptionalDuration, RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream,
+};
 use super::Source;
 use crate::config::limits::{
     MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_QUEUE, MAX_QUEUE_TIMEOUT, MAX_SERVERS, MAX_WEIGHT,
 };
 use crate::config::{
     clip, parse_server_name, quoted, Address, AdminConfig, Balance, ClientTlsSettings, Config,
-    ConfigError, FileLines, HashRing, HealthCheckConfig, ListenerConfig, PemKind, ServerConfig,
-    ServerTlsSettings, Syntax, UpstreamConfig,
+    ConfigError, FileLines, HashRing, HealthCheckConfig, ListenerConfig, PemKind, RecycleConfig,
+    ServerConfig, ServerTlsSettings, Syntax, UpstreamConfig,
 };
 
 impl Source<'_> {
@@ -116,6 +118,7 @@ impl Source<'_> {
                 format!("listener {shown}: key `connect_timeout` must be greater than 0"),
             ));
         }
+        let recycle = self.validate_recycle(&shown, &raw)?;
         let bind_span = raw.bind.span();
         let bind = raw.bind.into_inner();
         let unix_mode = match raw.unix_mode {
@@ -165,7 +168,41 @@ impl Source<'_> {
                 tls,
                 tls_lines,
                 access_log: raw.access_log,
+                recycle,
             },
+        })
+    }
+
+    /// The keys of SPEC §9; an error names the key's line.
+    fn validate_recycle(
+        &self,
+        shown: &str,
+        raw: &RawListener,
+    ) -> Result<RecycleConfig, ConfigError> {
+        let defaults = RecycleConfig::default();
+        let off = |value: &Option<Spanned<OptionalDuration>>| {
+            value.as_ref().and_then(|value| value.get_ref().0)
+        };
+        RecycleConfig::new(
+            raw.protocol,
+            raw.quiet_period
+                .as_ref()
+                .map_or(defaults.quiet_period, |value| value.get_ref().0),
+            off(&raw.max_connection_age),
+            raw.rebalance,
+            raw.rebalance_rate
+                .as_ref()
+                .map_or(defaults.rebalance_rate, |value| *value.get_ref()),
+            off(&raw.access_log_interval),
+        )
+        .map_err(|(key, problem)| {
+            let span = match key {
+                "quiet_period" => raw.quiet_period.as_ref().map(Spanned::span),
+                "max_connection_age" => raw.max_connection_age.as_ref().map(Spanned::span),
+                "rebalance_rate" => raw.rebalance_rate.as_ref().map(Spanned::span),
+                _ => raw.access_log_interval.as_ref().map(Spanned::span),
+            };
+            self.error(span, format!("listener {shown}: key `{key}` {problem}"))
         })
     }
 
