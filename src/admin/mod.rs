@@ -128,6 +128,7 @@ impl AdminState {
             for (index, peer) in group.peers.iter().enumerate() {
                 peer.stats.refresh_up(group.peer_state(index));
                 peer.stats.refresh_draining(peer.draining);
+                peer.stats.refresh_weight(peer.weight, peer.down);
             }
         }
         self.metrics.render()

@@ -2,6 +2,7 @@
 //! spans, then validated into plain types the rest of sluice uses.
 
 mod address;
+mod agent_check;
 mod fluent_bit;
 mod raw;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::Address;
+pub use agent_check::{AgentAddress, AgentCheckConfig};
 pub use raw::{Balance, HashKey, ProxyProtocol};
 
 use raw::{RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream};
@@ -139,6 +141,8 @@ pub struct ServerConfig {
     /// Keys of a Fluent Bit node that sluice keeps but does not use
     /// (`shared_key`, ...), in file order; listed by `--check`.
     pub plugin_keys: Vec<(String, String)>,
+    /// Asks the server's agent for its weight and state (SPEC §13).
+    pub agent_check: Option<AgentCheckConfig>,
 }
 
 impl ServerConfig {
@@ -170,6 +174,7 @@ impl ServerConfig {
             tls: None,
             tls_lines: FileLines::default(),
             plugin_keys: Vec::new(),
+            agent_check: None,
         }
     }
 
@@ -532,19 +537,35 @@ impl Source<'_> {
             ));
         }
         let group_tls = raw.tls.as_ref();
+        let group_agent = raw.agent_check.as_ref();
+        if let Some(table) = group_agent {
+            agent_check::check_table(table).map_err(|err| self.agent_check_error(upstream, err))?;
+        }
         let mut servers = Vec::with_capacity(raw.server.len());
         if let Some(file) = raw.from_fluent_bit {
-            servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
+            for mut server in self.fluent_bit_servers(upstream, file, group_tls)? {
+                server.agent_check = agent_check::for_server(None, group_agent, &server.address)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
+                servers.push(server);
+            }
         }
         // Servers are told apart by label in metrics, logs and `/status`.
         // Fluent Bit nodes of one name are kept, as Fluent Bit keeps them.
         let mut labels: HashSet<String> = servers.iter().map(ServerConfig::label).collect();
-        for server in raw.server {
+        for mut server in raw.server {
             let label_span = server
                 .name
                 .as_ref()
                 .map_or(server.address.span(), Spanned::span);
-            let server = self.validate_server(upstream, &balance, group_tls, server)?;
+            let own_agent = server.agent_check.take();
+            if let Some(table) = &own_agent {
+                agent_check::check_table(table)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
+            }
+            let mut server = self.validate_server(upstream, &balance, group_tls, server)?;
+            server.agent_check =
+                agent_check::for_server(own_agent.as_ref(), group_agent, &server.address)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
             if !labels.insert(server.label()) {
                 let message = match &server.name {
                     Some(name) => format!(
@@ -599,6 +620,10 @@ impl Source<'_> {
             queue: raw.queue.into_inner(),
             queue_timeout,
         })
+    }
+
+    fn agent_check_error(&self, upstream: &str, err: agent_check::AgentCheckError) -> ConfigError {
+        self.error(Some(err.span), format!("upstream {upstream:?}: {}", err.message))
     }
 
     fn validate_health_check(
@@ -700,6 +725,7 @@ impl Source<'_> {
             tls,
             tls_lines,
             plugin_keys: Vec::new(),
+            agent_check: None,
             name: raw.name.map(Spanned::into_inner),
             weight: raw.weight.into_inner(),
             max_conns: raw.max_conns,

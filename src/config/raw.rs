@@ -9,6 +9,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::agent_check::RawAgentCheck;
 use super::Address;
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +88,7 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub server: Vec<RawServer>,
     pub health_check: Option<RawHealthCheck>,
+    pub agent_check: Option<Spanned<RawAgentCheck>>,
     pub resolver: Option<Vec<Spanned<String>>>,
     #[serde(default = "defaults::zero_u32_spanned")]
     pub queue: Spanned<u32>,
@@ -133,6 +135,7 @@ pub(super) struct RawServer {
     #[serde(default = "defaults::resolve_interval")]
     pub resolve_interval: Spanned<DurationValue>,
     pub tls: Option<Spanned<RawClientTls>>,
+    pub agent_check: Option<Spanned<RawAgentCheck>>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
