@@ -162,3 +162,141 @@ pub(super) fn for_server(
         send,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    const HEAD: &str = r#"
+[[listener]]
+name = "l"
+bind = "127.0.0.1:7000"
+upstream = "u"
+
+[upstream.u]
+"#;
+
+    fn parse(body: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("{HEAD}{body}"), Path::new("test.toml"))
+    }
+
+    fn checks(body: &str) -> Vec<Option<AgentCheckConfig>> {
+        let config = parse(body).unwrap_or_else(|err| panic!("{err}"));
+        config.upstreams["u"]
+            .servers
+            .iter()
+            .map(|server| server.agent_check.clone())
+            .collect()
+    }
+
+    fn error(body: &str) -> ConfigError {
+        match parse(body) {
+            Ok(_) => panic!("accepted:\n{body}"),
+            Err(err) => err,
+        }
+    }
+
+    #[test]
+    fn defaults_and_the_servers_keys_over_the_groups() {
+        let found = checks(
+            r#"
+[upstream.u.agent_check]
+port = 9999
+send = "hello\n"
+
+[[upstream.u.server]]
+address = "127.0.0.1:7001"
+
+[[upstream.u.server]]
+address = "127.0.0.1:7002"
+[upstream.u.server.agent_check]
+address = "unix:/run/agent.sock"
+interval = "5s"
+
+[[upstream.u.server]]
+address = "127.0.0.1:7003"
+[upstream.u.server.agent_check]
+timeout = "300ms"
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                Some(AgentCheckConfig {
+                    agent: AgentAddress::Port(9999),
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_secs(1),
+                    send: b"hello\n".to_vec(),
+                }),
+                Some(AgentCheckConfig {
+                    agent: AgentAddress::Address(Address::Unix("/run/agent.sock".into())),
+                    interval: Duration::from_secs(5),
+                    timeout: Duration::from_secs(1),
+                    send: b"hello\n".to_vec(),
+                }),
+                Some(AgentCheckConfig {
+                    agent: AgentAddress::Port(9999),
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_millis(300),
+                    send: b"hello\n".to_vec(),
+                }),
+            ]
+        );
+        assert_eq!(
+            checks("[[upstream.u.server]]\naddress = \"127.0.0.1:7001\"\n"),
+            [None]
+        );
+    }
+
+    #[test]
+    fn bounds_and_missing_keys_are_errors_naming_the_line() {
+        let server = "[[upstream.u.server]]\naddress = \"127.0.0.1:7001\"\n[upstream.u.server.agent_check]\n";
+        for (keys, line, needle) in [
+            ("port = 0\n", 11, "`port` must be 1-65535"),
+            ("port = 70000\n", 11, "port"),
+            ("port = 1\naddress = \"127.0.0.1:2\"\n", 12, "not both"),
+            (
+                "port = 1\ninterval = \"0s\"\n",
+                12,
+                "`interval` must be between 1ms and 1h",
+            ),
+            (
+                "port = 1\ntimeout = \"2h\"\n",
+                12,
+                "`timeout` must be between 1ms and 1h",
+            ),
+            ("interval = \"1s\"\n", 10, "needs `port` or `address`"),
+            ("port = 1\ncolour = 1\n", 12, "colour"),
+        ] {
+            let err = error(&format!("{server}{keys}"));
+            assert_eq!(err.line, Some(line), "{keys}: {err}");
+            assert!(err.message.contains(needle), "{keys}: {err}");
+        }
+        let long = "x".repeat(MAX_AGENT_SEND + 1);
+        let err = error(&format!("{server}port = 1\nsend = \"{long}\"\n"));
+        assert!(
+            err.message.contains("`send` must be at most 1024 bytes"),
+            "{err}"
+        );
+        assert!(checks(&format!("{server}port = 1\nsend = \"{}\"\n", &long[1..]))[0].is_some());
+    }
+
+    #[test]
+    fn a_port_needs_a_host_address() {
+        let err = error(
+            "[upstream.u.agent_check]\nport = 9999\n[[upstream.u.server]]\naddress = \"unix:/run/s.sock\"\n",
+        );
+        assert_eq!(err.line, Some(9));
+        assert!(
+            err.message.contains("needs a HOST:PORT server address"),
+            "{err}"
+        );
+        let own = checks(
+            "[upstream.u.agent_check]\nport = 9999\n[[upstream.u.server]]\naddress = \"unix:/run/s.sock\"\n[upstream.u.server.agent_check]\naddress = \"unix:/run/agent.sock\"\n",
+        );
+        assert!(own[0].is_some());
+    }
+}

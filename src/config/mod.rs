@@ -623,7 +623,10 @@ impl Source<'_> {
     }
 
     fn agent_check_error(&self, upstream: &str, err: agent_check::AgentCheckError) -> ConfigError {
-        self.error(Some(err.span), format!("upstream {upstream:?}: {}", err.message))
+        self.error(
+            Some(err.span),
+            format!("upstream {upstream:?}: {}", err.message),
+        )
     }
 
     fn validate_health_check(

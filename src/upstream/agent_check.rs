@@ -335,7 +335,12 @@ async fn exchange(target: AgentTarget, send: &[u8]) -> Result<String, Failure> {
 }
 
 /// Applies one check's outcome to server `label` of the group in `shared`.
-fn heard(shared: &SharedUpstream, label: &str, agent: &mut Agent, outcome: Result<String, Failure>) {
+fn heard(
+    shared: &SharedUpstream,
+    label: &str,
+    agent: &mut Agent,
+    outcome: Result<String, Failure>,
+) {
     let group = shared.load_full();
     let upstream = group.name.clone();
     let upstream = upstream.as_str();
@@ -397,11 +402,15 @@ fn heard(shared: &SharedUpstream, label: &str, agent: &mut Agent, outcome: Resul
         *overrides = wanted
     }) {
         Ok((old, new)) if old != new => {
-            info!(upstream, server = label, old = %Shown(&old), new = %Shown(&new), reply = %quote(&line), "agent check: server changed");
+            info!(upstream, server = label, old = ?Shown(&old).to_string(), new = ?Shown(&new).to_string(), reply = ?quote(&line), "agent check: server changed");
         }
         Ok(_) => {}
         Err(RebuildError::Refused(_)) => {
-            debug!(upstream, server = label, "agent check: the server was removed meanwhile");
+            debug!(
+                upstream,
+                server = label,
+                "agent check: the server was removed meanwhile"
+            );
         }
         Err(RebuildError::Build(err)) => {
             warn!(upstream, server = label, error = %err, "agent check: cannot rebuild the group; the change waits for the next one");
@@ -468,7 +477,14 @@ mod tests {
         assert_eq!(report.max_conns, None);
         assert_eq!(
             report.unknown,
-            ["hello", "-5%", "1.5%", "maxconn:x", "maxconn:99999999999", "%"]
+            [
+                "hello",
+                "-5%",
+                "1.5%",
+                "maxconn:x",
+                "maxconn:99999999999",
+                "%"
+            ]
         );
         assert_eq!(parse("").unknown, Vec::<String>::new());
         assert_eq!(parse("\u{fffd}\u{0}").unknown.len(), 1);
