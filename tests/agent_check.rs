@@ -484,3 +484,111 @@ async fn an_agent_on_a_unix_socket_is_sent_the_request() {
     a.finish().await;
     b.finish().await;
 }
+
+/// fluentd's monitor_agent as far as the example agent reads it: one output
+/// plugin with a buffer queue of `queued` chunks.
+async fn fake_monitor(queued: Arc<AtomicUsize>) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/plugins.json", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let queued = queued.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while head.len() < 8192 && !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let body = format!(
+                    r#"{{"plugins":[{{"plugin_id":"in","plugin_category":"input","output_plugin":false}},{{"plugin_id":"out","plugin_category":"output","type":"forward","output_plugin":true,"buffer_queue_length":{queued},"retry_count":0}}]}}"#
+                );
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// The example agent's process; killed when dropped.
+struct Script(std::process::Child);
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One answer of the agent at `addr`: everything it writes before closing.
+async fn ask_agent(addr: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.ok()?;
+    Some(reply)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_fluentd_agent_answers_from_the_buffer_queue() {
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (monitor, monitor_task) = fake_monitor(Arc::clone(&queued)).await;
+    let agent_addr = free_addr();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/fluentd-agent.py");
+    let _script = Script(
+        std::process::Command::new("python3")
+            .args([script, "--listen", &agent_addr, "--monitor", &monitor])
+            .args(["--queue-limit", "64", "--floor", "10"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while TcpStream::connect(&agent_addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (chunks, line) in [
+        (0, "up 100%\n"),
+        (32, "up 55%\n"),
+        (63, "up 11%\n"),
+        (64, "drain\n"),
+    ] {
+        queued.store(chunks, Ordering::SeqCst);
+        assert_eq!(
+            ask_agent(&agent_addr).await.as_deref(),
+            Some(line),
+            "{chunks} chunks"
+        );
+    }
+
+    // Through sluice: 55% of weight 4 is 2.
+    queued.store(32, Ordering::SeqCst);
+    let (a, b) = (
+        Backend::tcp("a", Behavior::Announce).await,
+        Backend::tcp("b", Behavior::Announce).await,
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let port = agent_addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let a_extra = format!("weight = 4\n{}", agent_on_port(port, FAST));
+    let _sluice = Sluice::start(&two_servers(&listen, &admin, &a, &a_extra, &b, "")).await;
+    wait_peer(&admin, "a", "weight 2", |peer| peer["weight"] == 2).await;
+
+    // Without monitor_agent the agent closes without a word.
+    monitor_task.abort();
+    let _ = monitor_task.await;
+    assert_eq!(ask_agent(&agent_addr).await.as_deref(), Some(""));
+    a.finish().await;
+    b.finish().await;
+}
