@@ -592,3 +592,61 @@ async fn the_example_fluentd_agent_answers_from_the_buffer_queue() {
     a.finish().await;
     b.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_what_the_agent_set_until_the_check_is_removed() {
+    let (agent, port) = Agent::tcp("50%\n").await;
+    let (a, b) = (
+        Backend::tcp("a", Behavior::Announce).await,
+        Backend::tcp("b", Behavior::Announce).await,
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let a_extra = format!("weight = 2\n{}", agent_on_port(port, FAST));
+    let sluice = Sluice::start(&two_servers(
+        &listen,
+        &admin,
+        &a,
+        &a_extra,
+        &b,
+        "weight = 2",
+    ))
+    .await;
+    wait_peer(&admin, "a", "weight 1", |peer| peer["weight"] == 1).await;
+
+    // The group is rebuilt (b's weight changes) and a keeps the agent's weight.
+    let reload = |text: String| {
+        std::fs::write(&sluice.config_path, text).unwrap();
+        sluice.signal(nix::sys::signal::Signal::SIGHUP);
+    };
+    reload(two_servers(&listen, &admin, &a, &a_extra, &b, "weight = 3"));
+    wait_peer(&admin, "b", "weight 3", |peer| peer["weight"] == 3).await;
+    assert_eq!(peer(&admin, "a").await["weight"], 1);
+    assert_eq!(shares(&listen, 20).await, (5, 15));
+    agent.wait_asked(2).await;
+    assert_eq!(
+        count_lines(&sluice, "agent check: server changed"),
+        1,
+        "{}",
+        sluice.log_text()
+    );
+
+    // Without its agent check, a is back to its configured weight.
+    reload(two_servers(
+        &listen,
+        &admin,
+        &a,
+        "weight = 2",
+        &b,
+        "weight = 3",
+    ));
+    wait_peer(&admin, "a", "weight 2", |peer| peer["weight"] == 2).await;
+    assert!(sluice.wait_for_log("agent check removed", WAIT).await);
+    let asked = agent.asked();
+    assert_eq!(shares(&listen, 25).await, (10, 15));
+    assert!(
+        agent.asked() <= asked + 1,
+        "the removed agent is still asked"
+    );
+    a.finish().await;
+    b.finish().await;
+}

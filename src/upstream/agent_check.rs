@@ -172,8 +172,11 @@ enum Failure {
 }
 
 /// Starts the agent checks of the group in `shared`, when a server of
-/// `config` has one.
+/// `config` has one. A reload keeps what agents set (see
+/// `Runtime::successor`); a server whose agent check the reload removed
+/// loses it here.
 pub fn start(config: &UpstreamConfig, shared: &SharedUpstream) -> Option<UpstreamTask> {
+    forget_unchecked(config, shared);
     if !config
         .servers
         .iter()
@@ -183,6 +186,32 @@ pub fn start(config: &UpstreamConfig, shared: &SharedUpstream) -> Option<Upstrea
     }
     let shared = Arc::clone(shared);
     Some(UpstreamTask::spawn(move |stop| run(shared, stop)))
+}
+
+/// Clears what agents set on servers of `config` that have no agent check.
+fn forget_unchecked(config: &UpstreamConfig, shared: &SharedUpstream) {
+    let runtime = Arc::clone(&shared.load().runtime);
+    for server in config
+        .servers
+        .iter()
+        .filter(|server| server.agent_check.is_none())
+    {
+        let label = server.label();
+        if runtime.overrides(Source::Agent, &label) == Overrides::default() {
+            continue;
+        }
+        match runtime::change_server(shared, Source::Agent, &label, |overrides| {
+            *overrides = Overrides::default()
+        }) {
+            Ok((old, _)) => {
+                info!(upstream = config.name.as_str(), server = label.as_str(), old = ?Shown(&old).to_string(), "agent check removed: the server is back to its other settings");
+            }
+            Err(RebuildError::Refused(_)) => {}
+            Err(RebuildError::Build(err)) => {
+                warn!(upstream = config.name.as_str(), server = label.as_str(), error = %err, "agent check removed; the group cannot be rebuilt now, so the change applies at its next build");
+            }
+        }
+    }
 }
 
 /// One server's agent as the task follows it.
