@@ -53,7 +53,7 @@ pub fn parse(line: &str) -> Report {
     let words = line.split('#').next().unwrap_or_default();
     let mut report = Report::default();
     for word in words
-        .split(|c: char| c == ' ' || c == '\t' || c == ',' || c == '\r' || c == '\n')
+        .split([' ', '\t', ',', '\r', '\n'])
         .filter(|word| !word.is_empty())
     {
         let lower = word.to_ascii_lowercase();
