@@ -285,6 +285,26 @@ timeout = "300ms"
     }
 
     #[test]
+    fn fluent_bit_nodes_take_the_groups_table() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("nodes.conf"),
+            "[UPSTREAM]\n    name n\n[NODE]\n    name node-1\n    host 127.0.0.1\n    port 24224\n",
+        )
+        .unwrap();
+        let text = format!(
+            "{HEAD}from_fluent_bit = \"nodes.conf\"\n[upstream.u.agent_check]\nport = 9999\n"
+        );
+        let config = Config::parse(&text, &dir.path().join("sluice.toml")).unwrap();
+        let node = &config.upstreams["u"].servers[0];
+        assert_eq!(node.name.as_deref(), Some("node-1"));
+        assert_eq!(
+            node.agent_check.as_ref().map(|check| &check.agent),
+            Some(&AgentAddress::Port(9999))
+        );
+    }
+
+    #[test]
     fn a_port_needs_a_host_address() {
         let err = error(
             "[upstream.u.agent_check]\nport = 9999\n[[upstream.u.server]]\naddress = \"unix:/run/s.sock\"\n",
