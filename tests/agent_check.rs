@@ -278,6 +278,11 @@ async fn a_percentage_scales_the_share_and_the_weight_metric() {
     let a_status = peer(&admin, "a").await;
     assert_eq!(a_status["max_conns"], 5);
     assert_eq!(a_status["state"], "up");
+    assert_eq!(
+        a_status["agent"],
+        serde_json::json!({"weight": 1, "max_conns": 5})
+    );
+    assert!(peer(&admin, "b").await.get("agent").is_none());
     // Smooth round-robin over effective weights 1 and 2: exactly 1 in 3 to a.
     assert_eq!(shares(&listen, 30).await, (10, 20));
     assert_eq!(weight_metric(&admin, "a").await, 1.0);
@@ -349,6 +354,10 @@ async fn drain_keeps_open_connections_and_up_restores() {
     agent.answer(Answer::Line(b"drain\n".to_vec()));
     wait_peer(&admin, "a", "draining", |peer| peer["state"] == "draining").await;
     assert_eq!(peer(&admin, "a").await["active"], 1);
+    assert_eq!(
+        peer(&admin, "a").await["agent"],
+        serde_json::json!({"state": "drain"})
+    );
     assert_eq!(shares(&listen, 10).await, (0, 10));
     assert_eq!(weight_metric(&admin, "a").await, 0.0);
     held.write_all(b"still here").await.unwrap();

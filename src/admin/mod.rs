@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::PeerState;
 use crate::config::Address;
 use crate::net::listen::{bind, Acceptor, BoundSocket};
+use crate::upstream::runtime::{Overrides, Source};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// The admin address could not be bound: a start-up failure (exit status 2).
@@ -183,6 +184,9 @@ struct PeerStatus {
     last_failure_reason: Option<String>,
     /// RFC 3339, UTC.
     last_failure_time: Option<String>,
+    /// What the server's agent set (SPEC §13); absent without an agent check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<Overrides>,
 }
 
 fn upstream_status(group: &Upstream) -> UpstreamStatus {
@@ -220,6 +224,11 @@ fn upstream_status(group: &Upstream) -> UpstreamStatus {
                 bytes_received: stats.received,
                 last_failure_reason,
                 last_failure_time,
+                agent: peer
+                    .server
+                    .agent_check
+                    .as_ref()
+                    .map(|_| group.runtime.overrides(Source::Agent, &peer.server.label())),
             }
         })
         .collect();
