@@ -258,11 +258,7 @@ pub async fn run(
 
 /// The runtime changes of `[admin] state_file`; none without one.
 async fn load_state_file(config: &Config) -> Seed {
-    match config
-        .admin
-        .as_ref()
-        .and_then(|admin| admin.state_file.as_ref())
-    {
+    match config.admin.as_ref().and_then(|admin| admin.state_file.as_ref()) {
         Some(path) => state_file::load(path).await,
         None => Seed::new(),
     }

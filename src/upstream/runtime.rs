@@ -296,7 +296,7 @@ pub fn rebuild<T, E>(
         Some(&current),
         Arc::clone(&current.runtime),
     )
-    .map_err(RebuildError::Build)?;
+        .map_err(RebuildError::Build)?;
     shared.store(Arc::new(rebuilt));
     runtime_changed(&current);
     Ok(outcome)

@@ -147,40 +147,25 @@ pub fn layer_for(config: &UpstreamConfig, stored: Option<&ApiLayer>) -> ApiLayer
         if configured.contains(label) {
             layer.removed.insert(label.clone());
         } else {
-            warn!(
-                upstream = config.name.as_str(),
-                server = label.as_str(),
-                "state_file: removed server is not in the configuration; entry ignored"
-            );
+            warn!(upstream = config.name.as_str(), server = label.as_str(), "state_file: removed server is not in the configuration; entry ignored");
         }
     }
     for added in &stored.added {
         let label = added.config.label();
         let shadows = configured.contains(&label) && !layer.removed.contains(&label);
         if shadows || !labels.insert(label.clone()) {
-            warn!(
-                upstream = config.name.as_str(),
-                server = label.as_str(),
-                "state_file: added server has the name of another server; entry ignored"
-            );
+            warn!(upstream = config.name.as_str(), server = label.as_str(), "state_file: added server has the name of another server; entry ignored");
             continue;
         }
         layer.added.push(added.clone());
     }
     for (label, overrides) in &stored.overrides {
         let removed = layer.removed.contains(label)
-            && !layer
-                .added
-                .iter()
-                .any(|added| added.config.label() == *label);
+            && !layer.added.iter().any(|added| added.config.label() == *label);
         if labels.contains(label) && !removed {
             layer.overrides.insert(label.clone(), overrides.clone());
         } else {
-            warn!(
-                upstream = config.name.as_str(),
-                server = label.as_str(),
-                "state_file: server is not in the configuration; its runtime state is dropped"
-            );
+            warn!(upstream = config.name.as_str(), server = label.as_str(), "state_file: server is not in the configuration; its runtime state is dropped");
         }
     }
     layer
@@ -188,14 +173,8 @@ pub fn layer_for(config: &UpstreamConfig, stored: Option<&ApiLayer>) -> ApiLayer
 
 /// Reports the state file's upstreams that the configuration does not have.
 pub fn warn_unknown_upstreams(seed: &Seed, config: &Config) {
-    for name in seed
-        .keys()
-        .filter(|name| !config.upstreams.contains_key(*name))
-    {
-        warn!(
-            upstream = name.as_str(),
-            "state_file: upstream is not in the configuration; its runtime state is dropped"
-        );
+    for name in seed.keys().filter(|name| !config.upstreams.contains_key(*name)) {
+        warn!(upstream = name.as_str(), "state_file: upstream is not in the configuration; its runtime state is dropped");
     }
 }
 
@@ -230,9 +209,9 @@ pub fn write<'a>(
     }
     let mut text = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
     text.push(b'\n');
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, "state_file has no file name")
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state_file has no file name"))?;
     let mut temporary = name.to_owned();
     temporary.push(".tmp");
     let temporary = path.with_file_name(temporary);
