@@ -376,13 +376,15 @@ fn heard(
     let line = match outcome {
         Ok(line) => line,
         Err(Failure::NoAnswer(reason)) => {
-            // Not a warning each time: an agent being away changes nothing.
+            // Warned of once, not at every check: an agent being away
+            // changes nothing.
             debug!(upstream, server = label, reason = %reason, "agent check: no answer; the server keeps its state");
             warn_once(
                 agent,
                 upstream,
                 label,
                 "agent does not answer; the server keeps its state".to_owned(),
+                &reason,
             );
             return;
         }
@@ -392,6 +394,7 @@ fn heard(
                 upstream,
                 label,
                 format!("agent answered more than {MAX_REPLY} bytes without a line end; ignored"),
+                "",
             );
             return;
         }
@@ -409,6 +412,7 @@ fn heard(
             upstream,
             label,
             format!("agent answered words it does not know, ignored: {words:?}"),
+            "",
         );
     }
     let Some(configured_weight) = group
@@ -419,9 +423,7 @@ fn heard(
     else {
         return;
     };
-    let mut said = agent.said.clone();
-    said.hear(&report, configured_weight);
-    agent.said = said;
+    agent.said.hear(&report, configured_weight);
     let wanted = agent.said.overrides();
     if group.runtime.overrides(Source::Agent, label) == wanted {
         return;
@@ -447,9 +449,15 @@ fn heard(
     }
 }
 
-fn warn_once(agent: &mut Agent, upstream: &str, label: &str, problem: String) {
+/// Warns of `problem` unless it is the one warned of last; `reason` is
+/// this occurrence's detail, not part of what counts as a change.
+fn warn_once(agent: &mut Agent, upstream: &str, label: &str, problem: String, reason: &str) {
     if agent.warned.as_ref() != Some(&problem) {
-        warn!(upstream, server = label, "agent check: {problem}");
+        if reason.is_empty() {
+            warn!(upstream, server = label, "agent check: {problem}");
+        } else {
+            warn!(upstream, server = label, reason, "agent check: {problem}");
+        }
         agent.warned = Some(problem);
     }
 }
