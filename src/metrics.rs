@@ -24,6 +24,7 @@ pub mod names {
     pub const UPSTREAM_DRAINING_CONNECTIONS: &str = "sluice_upstream_draining_connections";
     pub const CONNECTIONS_RECYCLED_TOTAL: &str = "sluice_connections_recycled_total";
     pub const CONNECTION_DURATION: &str = "sluice_connection_duration_seconds";
+    pub const UPSTREAM_SERVER_WEIGHT: &str = "sluice_upstream_server_weight";
 }
 
 /// Upper bounds of the connect-duration buckets, in seconds: loopback and
@@ -129,6 +130,10 @@ fn describe() {
     describe_gauge!(
         names::UPSTREAM_DRAINING_CONNECTIONS,
         "Connections left on a draining server (runtime API or agent drain)."
+    );
+    describe_gauge!(
+        names::UPSTREAM_SERVER_WEIGHT,
+        "The server's effective weight (after agent checks and the runtime API); 0 while it is down or draining."
     );
     describe_histogram!(
         names::UPSTREAM_CONNECT_DURATION,

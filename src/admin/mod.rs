@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::PeerState;
 use crate::config::Address;
 use crate::net::listen::{bind, Acceptor, BoundSocket, ListenerReport};
+use crate::upstream::runtime::{Overrides, Source};
 use crate::upstream::{SharedUpstream, Upstream};
 
 /// The admin address could not be bound: a start-up failure (exit status 2).
@@ -158,6 +159,7 @@ impl AdminState {
             for (index, peer) in group.peers.iter().enumerate() {
                 peer.stats.refresh_up(group.peer_state(index));
                 peer.stats.refresh_draining(peer.draining);
+                peer.stats.refresh_weight(peer.weight, peer.down);
             }
         }
         self.metrics.render()
@@ -262,6 +264,9 @@ struct PeerStatus {
     last_failure_reason: Option<String>,
     /// RFC 3339, UTC.
     last_failure_time: Option<String>,
+    /// What the server's agent set (SPEC §13); absent without an agent check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<Overrides>,
 }
 
 /// Peer `index`'s state as `/status` names it.
@@ -306,6 +311,11 @@ fn upstream_status(group: &Upstream, now: SystemTime) -> UpstreamStatus {
                 bytes_received: stats.received,
                 last_failure_reason,
                 last_failure_time,
+                agent: peer
+                    .server
+                    .agent_check
+                    .as_ref()
+                    .map(|_| group.runtime.overrides(Source::Agent, &peer.server.label())),
             }
         })
         .collect();

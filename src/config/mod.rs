@@ -3,6 +3,7 @@
 //! errors that name the file and line of what is wrong.
 
 mod address;
+mod agent_check;
 mod error;
 pub mod fluent_bit;
 pub mod limits;
@@ -12,6 +13,7 @@ mod toml;
 mod types;
 
 pub use address::Address;
+pub use agent_check::{AgentAddress, AgentCheckConfig};
 pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
 pub use recycle::{Protocol, RecycleConfig, MAX_REBALANCE_RATE};
 pub use tls_settings::{

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
-    Address, Balance, ClientTlsSettings, FileLines, HashRing, KeyLine, ProxyProtocol,
-    RecycleConfig, ServerTlsSettings,
+    Address, AgentCheckConfig, Balance, ClientTlsSettings, FileLines, HashRing, KeyLine,
+    ProxyProtocol, RecycleConfig, ServerTlsSettings,
 };
 
 /// Server defaults (SPEC §2), shared by the TOML reader and Fluent Bit nodes.
@@ -131,6 +131,8 @@ pub struct ServerConfig {
     /// Keys of a Fluent Bit node that sluice keeps but does not use
     /// (`shared_key`, ...), in file order; listed by `--check`.
     pub plugin_keys: Vec<(String, String)>,
+    /// Asks the server's agent for its weight and state (SPEC §13).
+    pub agent_check: Option<AgentCheckConfig>,
 }
 
 /// The format a server was written in, so that messages about it use the
@@ -181,6 +183,7 @@ impl ServerConfig {
             tls_lines: FileLines::default(),
             syntax: Syntax::Toml,
             plugin_keys: Vec::new(),
+            agent_check: None,
         }
     }
 

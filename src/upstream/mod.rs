@@ -2,6 +2,7 @@
 //! the leases connections hold on peers, and the group's background work
 //! (health checks, DNS re-resolution).
 
+pub mod agent_check;
 pub mod health_check;
 pub mod queue;
 pub mod resolve;
@@ -467,5 +468,6 @@ pub fn start_tasks(config: &UpstreamConfig, shared: &SharedUpstream) -> Vec<Upst
         ));
     }
     tasks.extend(resolve::start(config, shared));
+    tasks.extend(agent_check::start(config, shared));
     tasks
 }

@@ -55,6 +55,7 @@ struct PeerMetrics {
     up: Gauge,
     /// Connections left while the peer drains; 0 otherwise.
     draining: Gauge,
+    weight: Gauge,
     connect_duration: Histogram,
 }
 
@@ -84,6 +85,7 @@ impl PeerStats {
             received: metrics::counter!(names::UPSTREAM_BYTES_RECEIVED_TOTAL, &labels),
             up: metrics::gauge!(names::UPSTREAM_SERVER_UP, &labels),
             draining: metrics::gauge!(names::UPSTREAM_DRAINING_CONNECTIONS, &labels),
+            weight: metrics::gauge!(names::UPSTREAM_SERVER_WEIGHT, &labels),
             connect_duration: metrics::histogram!(names::UPSTREAM_CONNECT_DURATION, &labels),
         };
         PeerStats {
@@ -174,6 +176,14 @@ impl PeerStats {
             0.0
         };
         self.metrics.draining.set(left);
+    }
+
+    /// Sets `server_weight`: the weight new connections are shared by, so 0
+    /// for a peer taking none (down or draining); refreshed when metrics are
+    /// rendered.
+    pub fn refresh_weight(&self, weight: u32, down: bool) {
+        let weight = if down { 0.0 } else { f64::from(weight) };
+        self.metrics.weight.set(weight);
     }
 
     pub fn snapshot(&self) -> PeerSnapshot {

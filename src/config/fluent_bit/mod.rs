@@ -186,6 +186,7 @@ fn server_from_node(
         tls,
         tls_lines,
         plugin_keys: node.extra.clone(),
+        agent_check: None,
     })
 }
 

@@ -100,6 +100,7 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub server: Vec<RawServer>,
     pub health_check: Option<RawHealthCheck>,
+    pub agent_check: Option<Spanned<RawAgentCheck>>,
     pub resolver: Option<Vec<Spanned<String>>>,
     #[serde(default = "defaults::zero_u32_spanned")]
     pub queue: Spanned<u32>,
@@ -146,6 +147,7 @@ pub(super) struct RawServer {
     #[serde(default = "defaults::resolve_interval")]
     pub resolve_interval: Spanned<DurationValue>,
     pub tls: Option<Spanned<RawClientTls>>,
+    pub agent_check: Option<Spanned<RawAgentCheck>>,
 }
 
 /// How an upstream picks a peer (SPEC §3).
@@ -223,6 +225,18 @@ pub enum HashRing {
     Nginx,
     /// libmemcached's ketama ring (MD5).
     Ketama,
+}
+
+/// One `agent_check` table as written; every key optional, so a server's
+/// table can take the rest from the group's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(in crate::config) struct RawAgentCheck {
+    pub port: Option<Spanned<u16>>,
+    pub address: Option<Spanned<Address>>,
+    pub interval: Option<Spanned<DurationValue>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    pub send: Option<Spanned<String>>,
 }
 
 /// A duration: a string with a unit, such as `"500ms"` or `"10m"`; or, as

@@ -12,6 +12,7 @@ use super::raw::{
     OptionalDuration, RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream,
 };
 use super::Source;
+use crate::config::agent_check;
 use crate::config::limits::{
     MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_QUEUE, MAX_QUEUE_TIMEOUT, MAX_SERVERS, MAX_WEIGHT,
 };
@@ -173,6 +174,13 @@ impl Source<'_> {
         })
     }
 
+    fn agent_check_error(&self, upstream: &str, err: agent_check::AgentCheckError) -> ConfigError {
+        self.error(
+            Some(err.span),
+            format!("upstream {upstream}: {}", err.message),
+        )
+    }
+
     /// The keys of SPEC §9; an error names the key's line.
     fn validate_recycle(
         &self,
@@ -247,19 +255,35 @@ impl Source<'_> {
             ));
         }
         let group_tls = raw.tls.as_ref();
+        let group_agent = raw.agent_check.as_ref();
+        if let Some(table) = group_agent {
+            agent_check::check_table(table).map_err(|err| self.agent_check_error(upstream, err))?;
+        }
         let mut servers = Vec::with_capacity(raw.server.len());
         if let Some(file) = raw.from_fluent_bit {
-            servers.extend(self.fluent_bit_servers(upstream, file, group_tls)?);
+            for mut server in self.fluent_bit_servers(upstream, file, group_tls)? {
+                server.agent_check = agent_check::for_server(None, group_agent, &server.address)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
+                servers.push(server);
+            }
         }
         // Servers are told apart by label in metrics, logs and `/status`.
         // Fluent Bit nodes of one name are kept, as Fluent Bit keeps them.
         let mut labels: HashSet<String> = servers.iter().map(ServerConfig::label).collect();
-        for server in raw.server {
+        for mut server in raw.server {
             let label_span = server
                 .name
                 .as_ref()
                 .map_or(server.address.span(), Spanned::span);
-            let server = self.validate_server(upstream, &balance, group_tls, server)?;
+            let own_agent = server.agent_check.take();
+            if let Some(table) = &own_agent {
+                agent_check::check_table(table)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
+            }
+            let mut server = self.validate_server(upstream, &balance, group_tls, server)?;
+            server.agent_check =
+                agent_check::for_server(own_agent.as_ref(), group_agent, &server.address)
+                    .map_err(|err| self.agent_check_error(upstream, err))?;
             if !labels.insert(server.label()) {
                 let message = match &server.name {
                     Some(name) => format!(
@@ -432,6 +456,7 @@ impl Source<'_> {
             tls,
             tls_lines,
             plugin_keys: Vec::new(),
+            agent_check: None,
             name: raw.name.map(Spanned::into_inner),
             weight: raw.weight.into_inner(),
             max_conns: raw.max_conns,
