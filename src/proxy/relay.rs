@@ -23,10 +23,15 @@ pub const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// this far ahead and set again when it fires.
 const NOTHING_DUE_RECHECK: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Bytes held per direction. A reader that does not keep up leaves the
-/// buffer full, so sluice stops reading the other side: back-pressure,
-/// never more memory.
+/// Bytes held per direction at first. A reader that does not keep up
+/// leaves the buffer full, so sluice stops reading the other side:
+/// back-pressure, never more memory.
 const BUFFER_SIZE: usize = 16 * 1024;
+
+/// What a direction's buffer grows to once a read fills it: bulk transfers
+/// then move four TLS records per system call instead of one, and the
+/// records are encrypted or decrypted in one go between two system calls.
+const BULK_BUFFER_SIZE: usize = 64 * 1024;
 
 /// Which side of a relayed connection an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +73,9 @@ struct HalfDuplex {
     need_flush: bool,
     /// Recycling: the client's side is shut; bytes read are dropped.
     discarding: bool,
+    /// A read error that came after bytes of the same fill: reported once
+    /// those are written.
+    read_error: Option<io::Error>,
 }
 
 pub(super) enum CopyError {
@@ -84,7 +92,53 @@ impl HalfDuplex {
             read_done: false,
             need_flush: false,
             discarding: false,
+            read_error: None,
         }
+    }
+
+    /// Reads into the empty buffer, and goes on reading into the rest of
+    /// it while the reader has bytes at hand (a TLS session hands out one
+    /// record per read), so one write carries them all.
+    fn poll_fill<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+    ) -> Poll<Result<(), CopyError>>
+    where
+        R: AsyncRead + ?Sized,
+    {
+        if let Some(err) = self.read_error.take() {
+            return Poll::Ready(Err(CopyError::Read(err)));
+        }
+        if self.end == self.buf.len() && self.buf.len() < BULK_BUFFER_SIZE {
+            // The last fill took the whole buffer: a bulk transfer.
+            self.buf = vec![0; BULK_BUFFER_SIZE].into_boxed_slice();
+        }
+        self.start = 0;
+        self.end = 0;
+        while self.end < self.buf.len() {
+            let mut read_buf = ReadBuf::new(&mut self.buf[self.end..]);
+            match reader.as_mut().poll_read(cx, &mut read_buf) {
+                Poll::Ready(Ok(())) => {
+                    let filled = read_buf.filled().len();
+                    if filled == 0 {
+                        self.read_done = true;
+                        break;
+                    }
+                    self.end += filled;
+                }
+                Poll::Ready(Err(err)) if self.end == 0 => {
+                    return Poll::Ready(Err(CopyError::Read(err)))
+                }
+                Poll::Ready(Err(err)) => {
+                    self.read_error = Some(err);
+                    break;
+                }
+                Poll::Pending if self.end == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -119,24 +173,18 @@ impl HalfDuplex {
         }
         loop {
             if self.start == self.end && !self.read_done {
-                let mut read_buf = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut read_buf) {
+                match self.poll_fill(cx, reader.as_mut()) {
                     Poll::Ready(Ok(())) => {
-                        let filled = read_buf.filled().len();
-                        if filled == 0 {
-                            self.read_done = true;
-                        } else if self.discarding {
+                        if self.end > 0 {
                             *progressed = true;
-                        } else {
-                            self.start = 0;
-                            self.end = filled;
-                            *progressed = true;
-                            if let Some(watch) = watch.as_deref_mut() {
-                                watch.read(direction, &self.buf[..filled]);
+                            if self.discarding {
+                                self.start = self.end;
+                            } else if let Some(watch) = watch.as_deref_mut() {
+                                watch.read(direction, &self.buf[..self.end]);
                             }
                         }
                     }
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(CopyError::Read(err))),
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Pending => {
                         // Streams that buffer internally (TLS) must not sit on
                         // written bytes while we wait for more input.
@@ -576,6 +624,72 @@ mod tests {
         tokio::time::advance(TRAFFIC_REPORT_INTERVAL).await;
         assert!(poll_once(relay.as_mut(), Waker::noop()).is_pending());
         assert_eq!(*reports.borrow(), [(100, 0), (7, 0)]);
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let connected = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        (connected, accepted)
+    }
+
+    /// Sends `data` through one direction (with the end of stream) and
+    /// returns what came out and the direction's buffer size at the end.
+    async fn copy_through(data: Vec<u8>, write_chunk: usize) -> (Vec<u8>, usize) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut source, mut from) = tcp_pair().await;
+        let (mut to, mut sink) = tcp_pair().await;
+        let sending = tokio::spawn(async move {
+            for chunk in data.chunks(write_chunk) {
+                source.write_all(chunk).await.expect("send");
+            }
+            source.shutdown().await.expect("end");
+        });
+        let receiving = tokio::spawn(async move {
+            let mut received = Vec::new();
+            sink.read_to_end(&mut received).await.expect("receive");
+            received
+        });
+        let mut direction = HalfDuplex::new();
+        let (mut bytes, mut progressed) = (0, false);
+        let copied = poll_fn(|cx| {
+            direction.poll_copy(
+                cx,
+                Pin::new(&mut from),
+                Pin::new(&mut to),
+                &mut bytes,
+                &mut progressed,
+                Direction::ToUpstream,
+                None,
+            )
+        });
+        let copied = tokio::time::timeout(Duration::from_secs(20), copied).await;
+        assert!(matches!(copied, Ok(Ok(()))), "the copy ends cleanly");
+        sending.await.expect("sender");
+        let received = receiving.await.expect("receiver");
+        assert_eq!(bytes, received.len() as u64);
+        (received, direction.buf.len())
+    }
+
+    #[tokio::test]
+    async fn a_bulk_direction_grows_its_buffer_and_keeps_every_byte() {
+        let data: Vec<u8> = (0..2_000_000u32).map(|n| (n % 253) as u8).collect();
+        let (received, buffer) = copy_through(data.clone(), 256 * 1024).await;
+        assert!(received == data, "bytes changed on the way");
+        assert_eq!(buffer, BULK_BUFFER_SIZE);
+    }
+
+    #[tokio::test]
+    async fn a_trickle_keeps_the_small_buffer() {
+        let data = vec![9; 100];
+        let (received, buffer) = copy_through(data.clone(), 10).await;
+        assert_eq!(received, data);
+        assert_eq!(buffer, BUFFER_SIZE);
     }
 
     #[tokio::test(start_paused = true)]
