@@ -883,6 +883,30 @@ mod bounds {
         assert!(err.message.ends_with("(in `weight = 0`)"), "{err}");
     }
 
+    #[test]
+    fn from_fluent_bit_reads_only_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("nodes.conf");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for target in [fifo.to_str().unwrap(), "/dev/zero"] {
+            let text = MINIMAL.replace(
+                "[upstream.u]",
+                &format!("[upstream.u]\nfrom_fluent_bit = \"{target}\""),
+            );
+            // Opening the FIFO would block this test for ever.
+            let err = Config::parse(&text, &dir.path().join("sluice.toml")).unwrap_err();
+            assert_eq!(err.line, Some(8), "{target}: {err}");
+            assert!(
+                err.message.contains("is not a regular file"),
+                "{target}: {err}"
+            );
+        }
+    }
+
     /// The message shown for an error: its key and value cut to QUOTE_CHARS
     /// each, the whole at most 1000 characters.
     fn assert_short(err: &ConfigError) {
