@@ -11,6 +11,7 @@ mod toml;
 mod types;
 
 pub use address::Address;
+use error::clip_message;
 pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
 pub use tls_settings::{
     parse_server_name, ClientTlsSettings, InvalidServerName, NamesFile, PemKind, ServerTlsSettings,

@@ -22,7 +22,7 @@ use saphyr_parser::{Event, Parser, ScalarStyle, StrInput};
 use crate::config::limits::{
     MAX_FILE_BYTES, MAX_INCLUDE_DEPTH, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS,
 };
-use crate::config::{clip, quoted};
+use crate::config::{clip, clip_message, quoted};
 
 /// How deep YAML collections may nest; an upstream file needs four levels,
 /// and the bound keeps hostile input from exhausting the stack.
@@ -76,22 +76,12 @@ impl Node {
 
 /// Why a file could not be read as an upstream file, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {}", location(.file, .line), shown_message(.message))]
+#[error("{}: {}", location(.file, .line), clip_message(.message))]
 pub struct FluentBitError {
     pub file: PathBuf,
     /// None when the problem is the file as a whole (unreadable, no upstream).
     pub line: Option<usize>,
     pub message: String,
-}
-
-/// At most this many characters of a message are shown, whatever it quotes.
-const MAX_MESSAGE_CHARS: usize = 1000;
-
-fn shown_message(message: &str) -> &str {
-    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((end, _)) => &message[..end],
-        None => message,
-    }
 }
 
 fn location(file: &Path, line: &Option<usize>) -> String {
