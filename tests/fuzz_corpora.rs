@@ -1,7 +1,8 @@
-//! Replays every file of each fuzz target's corpus (`fuzz/corpus/TARGET/`)
-//! through the target's own entry point, so the inputs that found bugs, and
-//! one of each class of bound (SPEC §8), are checked by every test run, with
-//! or without a nightly toolchain for cargo-fuzz.
+//! Replays every file of each fuzz target's seed corpus (`fuzz/seeds/TARGET/`,
+//! kept in git; `fuzz/corpus/` is what fuzzing grows, and is not) through the
+//! target's own entry point, so the inputs that found bugs, and one of each
+//! class of bound (SPEC §8), are checked by every test run, with or without a
+//! nightly toolchain for cargo-fuzz.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ const PER_INPUT: Duration = Duration::from_secs(10);
 /// Feeds every corpus file of `target` to `entry_point`; returns how many.
 fn replay(target: &str, entry_point: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("fuzz/seeds")
         .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))

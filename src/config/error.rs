@@ -25,6 +25,11 @@ pub fn quoted(text: &str) -> String {
     }
 }
 
+/// A whole message, cut to [`MAX_MESSAGE_CHARS`].
+pub(super) fn clip_message(message: &str) -> Cow<'_, str> {
+    clip_to(message, MAX_MESSAGE_CHARS)
+}
+
 fn clip_to(text: &str, chars: usize) -> Cow<'_, str> {
     match text.char_indices().nth(chars) {
         Some((end, _)) => Cow::Owned(format!("{}...", &text[..end])),
@@ -46,7 +51,7 @@ impl fmt::Display for ConfigError {
             Some(line) => write!(f, "{}:{line}: ", self.file.display())?,
             None => write!(f, "{}: ", self.file.display())?,
         }
-        f.write_str(&clip_to(&self.message, MAX_MESSAGE_CHARS))
+        f.write_str(&clip_message(&self.message))
     }
 }
 

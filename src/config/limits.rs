@@ -13,7 +13,8 @@ pub const MAX_PEM_BYTES: u64 = 16 * 1024 * 1024;
 /// One line, and one Fluent Bit value after `${VAR}` expansion.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
-/// Keys of one Fluent Bit `[UPSTREAM]` or `[NODE]` section.
+/// Keys of one TOML table (`key = value` lines), or of one Fluent Bit
+/// `[UPSTREAM]` or `[NODE]` section.
 pub const MAX_KEYS_PER_SECTION: usize = 256;
 
 /// Nesting of Fluent Bit `@INCLUDE` files.

@@ -14,6 +14,7 @@ mod types;
 
 pub use address::Address;
 pub use agent_check::{AgentAddress, AgentCheckConfig};
+use error::clip_message;
 pub use error::{clip, quoted, ConfigError, FileLines, KeyLine, ValueError};
 pub use recycle::{Protocol, RecycleConfig, MAX_REBALANCE_RATE};
 pub use tls_settings::{

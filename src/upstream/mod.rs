@@ -325,7 +325,8 @@ fn warn_unverified_tls(upstream: &UpstreamConfig) {
             warn!(
                 upstream = upstream.name.as_str(),
                 server = server.label().as_str(),
-                "TLS verification is off for this server (verify = false): any certificate is accepted"
+                "TLS verification is off for this server ({}): any certificate is accepted",
+                server.syntax.verify_off()
             );
         }
     }

@@ -22,7 +22,7 @@ use saphyr_parser::{Event, Parser, ScalarStyle, StrInput};
 use crate::config::limits::{
     MAX_FILE_BYTES, MAX_INCLUDE_DEPTH, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS,
 };
-use crate::config::{clip, quoted};
+use crate::config::{clip, clip_message, quoted};
 
 /// How deep YAML collections may nest; an upstream file needs four levels,
 /// and the bound keeps hostile input from exhausting the stack.
@@ -76,22 +76,12 @@ impl Node {
 
 /// Why a file could not be read as an upstream file, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {}", location(.file, .line), shown_message(.message))]
+#[error("{}: {}", location(.file, .line), clip_message(.message))]
 pub struct FluentBitError {
     pub file: PathBuf,
     /// None when the problem is the file as a whole (unreadable, no upstream).
     pub line: Option<usize>,
     pub message: String,
-}
-
-/// At most this many characters of a message are shown, whatever it quotes.
-const MAX_MESSAGE_CHARS: usize = 1000;
-
-fn shown_message(message: &str) -> &str {
-    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((end, _)) => &message[..end],
-        None => message,
-    }
 }
 
 fn location(file: &Path, line: &Option<usize>) -> String {
@@ -1619,6 +1609,133 @@ mod tests {
             dir.path().join(format!("{MAX_INCLUDE_DEPTH}.conf"))
         );
         assert!(error.message.contains("nested more than"), "{error}");
+    }
+
+    #[test]
+    fn include_refuses_anything_but_a_regular_file_before_opening_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.conf");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for target in [fifo.to_str().unwrap(), "/dev/zero", "/"] {
+            let text = format!("{MINIMAL}@INCLUDE {target}\n");
+            let main = write(dir.path(), "upstream.conf", &text);
+            // Opening the FIFO would block this test for ever: the check
+            // must come first.
+            let error = load_with_env(&main, &no_env).unwrap_err();
+            assert_eq!(error.line, Some(7), "{target}: {error}");
+            assert!(
+                error.message.contains("not a regular file"),
+                "{target}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_and_their_includes_are_bounded_together() {
+        let dir = tempfile::tempdir().unwrap();
+        // Sparse: as large as the limit allows, with nothing written.
+        let big = File::create(dir.path().join("big.conf")).unwrap();
+        big.set_len(MAX_FILE_BYTES).unwrap();
+        let main = write(
+            dir.path(),
+            "upstream.conf",
+            &format!("{MINIMAL}@INCLUDE big.conf\n"),
+        );
+        let error = load_with_env(&main, &no_env).unwrap_err();
+        assert_eq!(error.line, Some(7), "{error}");
+        assert!(
+            error.message.contains("more than 16777216 bytes"),
+            "{error}"
+        );
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let error = load_with_env(&dir.path().join("big.conf"), &no_env).unwrap_err();
+        assert_eq!(error.line, None, "{error}");
+        assert!(
+            error.message.contains("more than 16777216 bytes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn expansion_is_bounded_per_value_and_in_all() {
+        let long = "v".repeat(MAX_LINE_BYTES / 2 + 1);
+        let env = |name: &str| (name == "LONG").then(|| long.clone());
+        let parse_with = |text: &str| parse_classic(text, Path::new("upstream.conf"), &env);
+        parse_with(&format!("{MINIMAL}shared_key ${{LONG}}\n")).unwrap();
+        let error = parse_with(&format!("{MINIMAL}shared_key ${{LONG}}${{LONG}}\n")).unwrap_err();
+        assert_eq!(error.line, Some(7), "{error}");
+        assert!(
+            error
+                .message
+                .contains("longer than 16384 bytes after ${VAR} expansion"),
+            "{error}"
+        );
+        // Each value within its bound, but more than 16 MiB in all within
+        // the 2,048th node (every value counts, `name`, `host`, `port` too).
+        let node = "[NODE]\nname n\nhost h\nport 1\nshared_key ${LONG}\n";
+        let text = format!("[UPSTREAM]\nname up\n{}", node.repeat(2049));
+        let error = parse_with(&text).unwrap_err();
+        assert!(
+            error.message.contains("in all after ${VAR} expansion"),
+            "{error}"
+        );
+        let node_2048 = (3 + 5 * 2047)..(3 + 5 * 2048);
+        assert!(
+            error.line.is_some_and(|line| node_2048.contains(&line)),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_section_holds_at_most_256_keys_found_in_linear_time() {
+        let keys: String = (0..80_000).map(|index| format!("key{index} v\n")).collect();
+        let error = parse_err(&format!("{MINIMAL}{keys}"));
+        // MINIMAL's node has 3 keys: the 257th is key253, on line 6 + 254.
+        assert_eq!(error.line, Some(260), "{error}");
+        assert!(
+            error.message.contains("more than 256 keys in one section"),
+            "{error}"
+        );
+        let yaml_keys: String = (0..=MAX_KEYS_PER_SECTION)
+            .map(|index| format!("        key{index}: v\n"))
+            .collect();
+        let text =
+            format!("upstream_servers:\n  - name: up\n    nodes:\n      - name: n1\n{yaml_keys}");
+        let error = yaml_err(&text);
+        assert!(
+            error.message.contains("more than 256 keys in one section"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn nodes_are_bounded() {
+        let node = "[NODE]\nname n\nhost h\nport 1\n";
+        let text = format!("[UPSTREAM]\nname up\n{}", node.repeat(MAX_SERVERS + 1));
+        let error = parse_err(&text);
+        assert_eq!(error.line, Some(3 + 4 * MAX_SERVERS), "{error}");
+        assert!(error.message.contains("more than 50000 nodes"), "{error}");
+    }
+
+    #[test]
+    fn lines_are_bounded_in_both_layouts() {
+        let error = parse_err(&format!("{MINIMAL}# {}\n", "c".repeat(MAX_LINE_BYTES)));
+        assert_eq!(error.line, Some(7), "{error}");
+        let error = yaml_err(&format!("# {}\n{YAML_SAMPLE}", "c".repeat(MAX_LINE_BYTES)));
+        assert_eq!(error.line, Some(1), "{error}");
+        for error in [
+            parse_err(&format!(
+                "{MINIMAL}port {}\n",
+                "9".repeat(MAX_LINE_BYTES - 10)
+            )),
+            parse_err(&format!("{}{MINIMAL}", "k".repeat(5000))),
+        ] {
+            assert!(error.to_string().len() < 300, "{error}");
+        }
     }
 
     #[test]

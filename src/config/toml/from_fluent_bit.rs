@@ -9,7 +9,7 @@ use super::raw::RawClientTls;
 use super::Source;
 use crate::config::fluent_bit::{config_error, reader, servers_from_nodes, GroupTls};
 use crate::config::{
-    parse_server_name, ClientTlsSettings, ConfigError, FileLines, PemKind, ServerConfig,
+    parse_server_name, quoted, ClientTlsSettings, ConfigError, FileLines, PemKind, ServerConfig,
 };
 
 impl Source<'_> {
@@ -23,6 +23,16 @@ impl Source<'_> {
     ) -> Result<Vec<ServerConfig>, ConfigError> {
         let span = file.span();
         let path = self.relative(file.into_inner());
+        // Like an @INCLUDE: checked before opening, which would wait on a FIFO.
+        if std::fs::metadata(&path).is_ok_and(|metadata| !metadata.is_file()) {
+            return Err(self.error(
+                Some(span),
+                format!(
+                    "upstream {upstream}: key `from_fluent_bit`: {} is not a regular file",
+                    quoted(&path.display().to_string())
+                ),
+            ));
+        }
         let upstream_file = reader::load(&path).map_err(|err| {
             if err.line.is_none() && !path.exists() {
                 // The file itself is missing: point at the key that names it.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use super::limits::{MAX_FILE_BYTES, MAX_LINE_BYTES};
+use super::limits::{MAX_FILE_BYTES, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES};
 use super::{clip, Config, ConfigError, FileLines, KeyLine, PemKind};
 use raw::RawConfig;
 
@@ -75,6 +75,41 @@ fn clip_quoted_names(message: &str) -> String {
         .join("`")
 }
 
+/// Counts the `key = value` lines of the current table, so that a table of
+/// a million keys is refused before the TOML parser builds it. Lines inside
+/// multi-line strings are not keys.
+#[derive(Default)]
+struct TableKeys {
+    keys: usize,
+    /// Inside a multi-line string: its delimiter.
+    open_string: Option<&'static str>,
+}
+
+impl TableKeys {
+    /// Takes the next line; returns the keys of its table so far.
+    fn read(&mut self, line: &str) -> usize {
+        let content = line.trim_start();
+        if self.open_string.is_none() {
+            if content.starts_with('[') {
+                self.keys = 0;
+            } else if !content.starts_with('#') && content.contains('=') {
+                self.keys += 1;
+            }
+        }
+        for delimiter in ["\"\"\"", "'''"] {
+            if self.open_string.is_none_or(|open| open == delimiter)
+                && content.matches(delimiter).count() % 2 == 1
+            {
+                self.open_string = match self.open_string {
+                    Some(_) => None,
+                    None => Some(delimiter),
+                };
+            }
+        }
+        self.keys
+    }
+}
+
 /// The text being validated, for turning spans into line numbers.
 struct Source<'a> {
     text: &'a str,
@@ -102,11 +137,18 @@ impl<'a> Source<'a> {
             path,
             line_starts,
         };
+        let mut table_keys = TableKeys::default();
         for line in 1..=source.line_starts.len() {
-            if source.line_text(line).len() > MAX_LINE_BYTES {
+            let text = source.line_text(line);
+            if text.len() > MAX_LINE_BYTES {
                 return Err(source
                     .key_line_at(line)
                     .error(format!("the line is longer than {MAX_LINE_BYTES} bytes")));
+            }
+            if table_keys.read(text) > MAX_KEYS_PER_SECTION {
+                return Err(source.key_line_at(line).error(format!(
+                    "more than {MAX_KEYS_PER_SECTION} keys in one table"
+                )));
             }
         }
         Ok(source)

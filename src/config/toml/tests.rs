@@ -787,3 +787,186 @@ mod properties {
         }
     }
 }
+
+mod bounds {
+    use super::*;
+    use crate::config::limits::{
+        MAX_DURATION, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS, MAX_WEIGHT, QUOTE_CHARS,
+    };
+    use proptest::prelude::*;
+
+    fn with_server_key(line: &str) -> String {
+        format!("{MINIMAL}{line}\n")
+    }
+
+    #[test]
+    fn durations_are_bare_seconds_or_with_a_unit_up_to_365_days() {
+        for (written, seconds) in [("10", 10), ("\"10\"", 10), ("\"365d\"", 365 * 86_400)] {
+            let config = parse(&with_server_key(&format!("fail_timeout = {written}"))).unwrap();
+            let server = &config.upstreams["u"].servers[0];
+            assert_eq!(
+                server.fail_timeout,
+                Duration::from_secs(seconds),
+                "{written}"
+            );
+        }
+        assert_eq!(MAX_DURATION, Duration::from_secs(365 * 86_400));
+        for written in [
+            "\"366d\"",
+            "\"18446744073709551615s\"",
+            "9223372036854775807",
+            "-1",
+            "\"-1s\"",
+            "\"\"",
+        ] {
+            let err =
+                parse(&with_server_key(&format!("fail_timeout = {written}"))).expect_err(written);
+            assert_eq!(err.line, Some(10), "{written}: {err}");
+        }
+    }
+
+    #[test]
+    fn weight_is_at_most_1000() {
+        let config = parse(&with_server_key(&format!("weight = {MAX_WEIGHT}"))).unwrap();
+        assert_eq!(config.upstreams["u"].servers[0].weight, 1000);
+        let err = parse(&with_server_key("weight = 1001")).unwrap_err();
+        assert_eq!(err.line, Some(10), "{err}");
+        assert!(err.message.contains("at most 1000"), "{err}");
+    }
+
+    #[test]
+    fn a_table_holds_at_most_256_keys_but_a_multi_line_string_holds_any_lines() {
+        let keys: String = (0..=MAX_KEYS_PER_SECTION)
+            .map(|index| format!("k{index} = 1\n"))
+            .collect();
+        let err = parse(&format!("{MINIMAL}[admin]\n{keys}")).unwrap_err();
+        // MINIMAL is 9 lines (the first empty), [admin] the 10th, its first
+        // key the 11th: the 257th key is on line 267.
+        assert_eq!(err.line, Some(11 + MAX_KEYS_PER_SECTION), "{err}");
+        assert!(
+            err.message.contains("more than 256 keys in one table"),
+            "{err}"
+        );
+        let send: String = (0..2 * MAX_KEYS_PER_SECTION)
+            .map(|index| format!("a{index} = b\n"))
+            .collect();
+        let text = format!("{MINIMAL}[upstream.u.health_check]\nsend = \"\"\"\n{send}\"\"\"\n");
+        let config = parse(&text).unwrap();
+        let check = config.upstreams["u"].health_check.as_ref().unwrap();
+        assert_eq!(check.send.as_deref(), Some(send.as_bytes()));
+    }
+
+    #[test]
+    fn servers_of_the_configuration_are_bounded() {
+        let servers: String = (0..=MAX_SERVERS)
+            .map(|index| {
+                format!(
+                    "[[upstream.u.server]]\naddress = \"127.0.0.1:{}\"\nname = \"s{index}\"\n",
+                    index % 60_000 + 1
+                )
+            })
+            .collect();
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:7000\"\nupstream = \"u\"\n[upstream.u]\n{servers}"
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.message.contains("more than 50000 servers"), "{err}");
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_refused_at_its_number() {
+        let text = format!("{MINIMAL}# {}\n", "c".repeat(MAX_LINE_BYTES));
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(10), "{err}");
+        assert!(err.to_string().len() < 300, "{err}");
+        let text = format!("{MINIMAL}# {}\n", "c".repeat(MAX_LINE_BYTES - 2));
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn the_quoted_setting_drops_its_comment_but_not_a_hash_in_a_string() {
+        let text = MINIMAL.replace(
+            "name = \"l\"",
+            "name = \"l\"\nunix_mode = \"07#7\" # not for TCP, a comment\r",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(
+            err.message.ends_with("(in `unix_mode = \"07#7\"`)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keys_are_placed_on_their_lines_in_crlf_files() {
+        let text = MINIMAL.replace('\n', "\r\n") + "weight = 0\r\n";
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(10), "{err}");
+        assert!(err.message.ends_with("(in `weight = 0`)"), "{err}");
+    }
+
+    #[test]
+    fn from_fluent_bit_reads_only_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("nodes.conf");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for target in [fifo.to_str().unwrap(), "/dev/zero"] {
+            let text = MINIMAL.replace(
+                "[upstream.u]",
+                &format!("[upstream.u]\nfrom_fluent_bit = \"{target}\""),
+            );
+            // Opening the FIFO would block this test for ever.
+            let err = Config::parse(&text, &dir.path().join("sluice.toml")).unwrap_err();
+            assert_eq!(err.line, Some(8), "{target}: {err}");
+            assert!(
+                err.message.contains("is not a regular file"),
+                "{target}: {err}"
+            );
+        }
+    }
+
+    /// The message shown for an error: its key and value cut to QUOTE_CHARS
+    /// each, the whole at most 1000 characters.
+    fn assert_short(err: &ConfigError) {
+        let shown = err.to_string();
+        let prefix = format!("test.toml:{}: ", err.line.unwrap_or_default());
+        assert!(shown.chars().count() <= prefix.len() + 1000, "{shown}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn errors_quote_at_most_100_characters_of_long_keys_and_values(
+            key_len in 1..3000usize,
+            value_len in 0..12_000usize,
+            place in 0..4usize,
+            comment in "SECRET[a-z ]{0,20}",
+        ) {
+            let key = "k".repeat(key_len);
+            let value = "v".repeat(value_len);
+            let line = match place {
+                0 => format!("{key} = \"{value}\" # {comment}"),
+                1 => format!("upstream = \"{value}\" # {comment}"),
+                2 => format!("balance = \"{value}\" # {comment}"),
+                _ => format!("address = \"{value}\" # {comment}"),
+            };
+            let text = match place {
+                1 => MINIMAL.replace("upstream = \"u\"", &line),
+                2 => MINIMAL.replace("[upstream.u]", &format!("[upstream.u]\n{line}")),
+                _ => with_server_key(&line),
+            };
+            let err = parse(&text).unwrap_err();
+            assert_short(&err);
+            let shown = err.to_string();
+            prop_assert!(!shown.contains(&"v".repeat(QUOTE_CHARS + 1)), "{}", shown);
+            prop_assert!(!shown.contains(&"k".repeat(QUOTE_CHARS + 1)), "{}", shown);
+            prop_assert!(!shown.contains("SECRET"), "{}", shown);
+        }
+    }
+}

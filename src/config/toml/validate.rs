@@ -291,7 +291,7 @@ impl Source<'_> {
                     ),
                     None => format!(
                         "upstream {upstream}: server {} has no `name` and another server of this upstream has the same label (its address); give them distinct `name`s, or their metrics would merge",
-                        server.address
+                        clip(&server.address.to_string())
                     ),
                 };
                 return Err(self.error(Some(label_span), message));
@@ -493,7 +493,10 @@ impl Source<'_> {
             parse_server_name(name.get_ref()).map_err(|err| {
                 self.error_at(
                     name,
-                    format!("upstream {upstream}: server {address}: TLS: {err}"),
+                    format!(
+                        "upstream {upstream}: server {}: TLS: {err}",
+                        clip(&address.to_string())
+                    ),
                 )
             })?;
         }
@@ -522,7 +525,10 @@ impl Source<'_> {
         match problem {
             Some(problem) => Err(self.error(
                 Some(span),
-                format!("upstream {upstream}: server {address}: {problem}"),
+                format!(
+                    "upstream {upstream}: server {}: {problem}",
+                    clip(&address.to_string())
+                ),
             )),
             None => Ok((Some(settings), lines)),
         }
