@@ -1147,19 +1147,21 @@ fn random_group(rng: &mut Seeded, index: usize, live: &[String]) -> Scenario {
     let mut holding = false;
     for _ in 0..length {
         let roll = rng.below(100);
-        if method == Method::Hash {
+        if roll < 10 {
+            // Held connections come from 127.0.0.1: with hash, one key, so
+            // its server fills up to max_conns and the walk moves on.
+            steps.push(Step::Hold(1 + rng.below(3) as usize));
+            holding = true;
+        } else if roll < 15 && holding {
+            steps.push(Step::Release);
+            holding = false;
+        } else if method == Method::Hash {
             steps.push(Step::ConnectFrom(Ipv4Addr::new(
                 127,
                 rng.below(4) as u8,
                 rng.below(256) as u8,
                 1 + rng.below(250) as u8,
             )));
-        } else if roll < 10 {
-            steps.push(Step::Hold(1 + rng.below(3) as usize));
-            holding = true;
-        } else if roll < 15 && holding {
-            steps.push(Step::Release);
-            holding = false;
         } else {
             steps.push(Step::Connect);
         }

@@ -169,6 +169,9 @@ pub struct Selector {
 pub struct Tried {
     bits: Vec<u64>,
     walk: Walk,
+    /// No primary could be picked once: from then on only backups are (as
+    /// nginx moves the connection to its backup list).
+    backups_only: bool,
 }
 
 impl Tried {
@@ -235,8 +238,15 @@ impl Selector {
         let picked = if self.single {
             self.pick_single(now, tried)
         } else {
-            self.pick_tier(now, tried, key, false)
-                .or_else(|| self.pick_tier(now, tried, key, true))
+            let primary = if tried.backups_only {
+                None
+            } else {
+                self.pick_tier(now, tried, key, false)
+            };
+            primary.or_else(|| {
+                tried.backups_only = true;
+                self.pick_tier(now, tried, key, true)
+            })
         }?;
         self.health[picked].picked(&self.params[picked], now);
         tried.insert(picked);
@@ -454,6 +464,27 @@ mod tests {
         // Both primaries fail in one connection: the backup takes it.
         assert_eq!(connection(&mut selector, now, &[0, 1]), vec![0, 1, 2]);
         assert_eq!(picks(&mut selector, now, 3), vec![2, 2, 2]);
+    }
+
+    #[test]
+    fn once_on_the_backups_a_connection_stays_there() {
+        let mut limited = params(1);
+        limited.max_conns = 1;
+        let mut backup = params(1);
+        backup.backup = true;
+        let mut selector = round_robin(vec![limited, backup, backup]);
+        let now = Instant::now();
+        let held = selector.select(now, &mut Tried::default(), b"").unwrap();
+        assert_eq!(held, 0);
+        // Peer 0 is full: this connection goes to a backup, which fails.
+        let mut tried = Tried::default();
+        let first = selector.select(now, &mut tried, b"").unwrap();
+        assert_eq!(first, 1);
+        selector.health(first).failed(&selector.params(first), now);
+        // Peer 0 frees up meanwhile, but the connection stays on the backups.
+        selector.health(held).closed();
+        assert_eq!(selector.select(now, &mut tried, b""), Some(2));
+        assert_eq!(selector.select(now, &mut Tried::default(), b""), Some(0));
     }
 
     #[test]
