@@ -34,6 +34,11 @@ pub const MAX_HASH_TOTAL_WEIGHT: u64 = 20_000;
 /// Servers of the whole configuration (Fluent Bit nodes included).
 pub const MAX_SERVERS: usize = 50_000;
 
+/// Tables (`[...]` and `[[...]]` headers) of a TOML file: a server and its
+/// `tls` table for each of [`MAX_SERVERS`]. Counted before parsing, so a
+/// file of tiny tables is refused before the parser holds them all.
+pub const MAX_TABLES: usize = 2 * MAX_SERVERS;
+
 /// Listeners of the whole configuration.
 pub const MAX_LISTENERS: usize = 1000;
 

@@ -148,6 +148,7 @@ pub fn parse_classic(
         open_files: Vec::new(),
         read_files: HashSet::new(),
         read_bytes: text.len() as u64,
+        nodes: 0,
     };
     // `path` may not exist (text handed in directly); then only its
     // includes take part in cycle detection.
@@ -200,6 +201,10 @@ fn check_line_lengths(text: &str, path: &Path) -> Result<(), FluentBitError> {
         Some(index) => Err(line_too_long(path, index + 1)),
         None => Ok(()),
     }
+}
+
+fn too_many_nodes(path: &Path, line: usize) -> FluentBitError {
+    FluentBitError::at(path, line, format!("more than {MAX_SERVERS} nodes"))
 }
 
 fn line_too_long(path: &Path, line: usize) -> FluentBitError {
@@ -322,6 +327,8 @@ struct ClassicReader<'env> {
     read_files: HashSet<PathBuf>,
     /// Bytes of every file read so far, held to [`MAX_FILE_BYTES`].
     read_bytes: u64,
+    /// `[NODE]` sections read so far, held to [`MAX_SERVERS`].
+    nodes: usize,
 }
 
 impl ClassicReader<'_> {
@@ -343,6 +350,13 @@ impl ClassicReader<'_> {
             if content.starts_with('[') {
                 let kind = parse_section_header(content)
                     .map_err(|message| FluentBitError::at(file, line, message))?;
+                if kind == SectionKind::Node {
+                    // Counted as read, not once all is held in memory.
+                    self.nodes += 1;
+                    if self.nodes > MAX_SERVERS {
+                        return Err(too_many_nodes(file, line));
+                    }
+                }
                 self.sections.push(RawSection::new(kind, file, line));
                 current_section = Some(self.sections.len() - 1);
                 continue;
@@ -634,11 +648,7 @@ fn build_upstream(
                 upstream = Some(build_upstream_header(section)?);
             }
             SectionKind::Node if nodes.len() == MAX_SERVERS => {
-                return Err(FluentBitError::at(
-                    &section.file,
-                    section.line,
-                    format!("more than {MAX_SERVERS} nodes"),
-                ));
+                return Err(too_many_nodes(&section.file, section.line));
             }
             SectionKind::Node => nodes.push(build_node(section)?),
         }

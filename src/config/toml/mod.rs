@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use super::limits::{MAX_FILE_BYTES, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES};
+use super::limits::{MAX_FILE_BYTES, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_TABLES};
 use super::{clip, Config, ConfigError, FileLines, KeyLine, PemKind};
 use raw::RawConfig;
 
@@ -80,6 +80,8 @@ fn clip_quoted_names(message: &str) -> String {
 /// multi-line strings are not keys.
 #[derive(Default)]
 struct TableKeys {
+    /// Table headers so far.
+    tables: usize,
     keys: usize,
     /// Inside a multi-line string: its delimiter.
     open_string: Option<&'static str>,
@@ -91,6 +93,7 @@ impl TableKeys {
         let content = line.trim_start();
         if self.open_string.is_none() {
             if content.starts_with('[') {
+                self.tables += 1;
                 self.keys = 0;
             } else if !content.starts_with('#') && content.contains('=') {
                 self.keys += 1;
@@ -149,6 +152,11 @@ impl<'a> Source<'a> {
                 return Err(source.key_line_at(line).error(format!(
                     "more than {MAX_KEYS_PER_SECTION} keys in one table"
                 )));
+            }
+            if table_keys.tables > MAX_TABLES {
+                return Err(source
+                    .key_line_at(line)
+                    .error(format!("more than {MAX_TABLES} tables in the file")));
             }
         }
         Ok(source)

@@ -791,7 +791,8 @@ mod properties {
 mod bounds {
     use super::*;
     use crate::config::limits::{
-        MAX_DURATION, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS, MAX_WEIGHT, QUOTE_CHARS,
+        MAX_DURATION, MAX_KEYS_PER_SECTION, MAX_LINE_BYTES, MAX_SERVERS, MAX_TABLES, MAX_WEIGHT,
+        QUOTE_CHARS,
     };
     use proptest::prelude::*;
 
@@ -854,6 +855,16 @@ mod bounds {
         let config = parse(&text).unwrap();
         let check = config.upstreams["u"].health_check.as_ref().unwrap();
         assert_eq!(check.send.as_deref(), Some(send.as_bytes()));
+    }
+
+    #[test]
+    fn tables_are_counted_before_parsing() {
+        let tables = "[upstream.x.tls]\n".repeat(MAX_TABLES);
+        let err = parse(&format!("{MINIMAL}{tables}")).unwrap_err();
+        // MINIMAL holds 3 tables; the file's table 100,001 is on line
+        // 9 + (MAX_TABLES - 2).
+        assert_eq!(err.line, Some(9 + MAX_TABLES - 2), "{err}");
+        assert!(err.message.contains("more than 100000 tables"), "{err}");
     }
 
     #[test]
