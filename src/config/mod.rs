@@ -21,7 +21,7 @@ pub use tls_settings::{
     parse_server_name, ClientTlsSettings, InvalidServerName, NamesFile, PemKind, ServerTlsSettings,
 };
 pub use toml::raw::{Balance, HashKey, HashRing, ProxyProtocol};
-use types::server_defaults;
+use types::{defaults, server_defaults};
 pub use types::{
     AdminConfig, Config, HealthCheckConfig, ListenerConfig, ServerConfig, Syntax, UpstreamConfig,
 };

@@ -21,6 +21,18 @@ pub(super) mod server_defaults {
     pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 }
 
+/// Process, listener and upstream defaults (SPEC §2), shared by the TOML
+/// reader and `--fluent-bit` mode, which takes every default.
+pub(super) mod defaults {
+    use std::time::Duration;
+
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const UNIX_MODE: u32 = 0o660;
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

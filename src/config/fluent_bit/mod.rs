@@ -9,18 +9,11 @@ use std::time::Duration;
 pub mod reader;
 
 use super::{
-    quoted, server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines,
-    HashRing, KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax,
+    defaults, quoted, server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError,
+    FileLines, HashRing, KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax,
     UpstreamConfig,
 };
 use reader::{FluentBitError, Node, UpstreamFile};
-
-/// What a `--fluent-bit` configuration uses where a TOML file would say more:
-/// the TOML defaults.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Config {
     /// The configuration of `sluice --fluent-bit FILE --bind ADDR`: one
@@ -40,11 +33,11 @@ impl Config {
             name: name.clone(),
             bind,
             upstream: name.clone(),
-            connect_timeout: CONNECT_TIMEOUT,
-            idle_timeout: Some(IDLE_TIMEOUT),
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            idle_timeout: Some(defaults::IDLE_TIMEOUT),
             next_upstream_tries: 0,
             next_upstream_timeout: None,
-            unix_mode: 0o660,
+            unix_mode: defaults::UNIX_MODE,
             tls: None,
             tls_lines: FileLines::default(),
             access_log: true,
@@ -60,12 +53,12 @@ impl Config {
             health_check: None,
             resolver: Vec::new(),
             queue: 0,
-            queue_timeout: QUEUE_TIMEOUT,
+            queue_timeout: defaults::QUEUE_TIMEOUT,
         };
         Ok(Config {
             // `--admin ADDR` sets it afterwards, in this mode as in any other.
             admin: None,
-            shutdown_timeout: SHUTDOWN_TIMEOUT,
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             listeners: vec![listener],
             upstreams: BTreeMap::from([(name, upstream)]),
         })

@@ -345,26 +345,26 @@ fn bounded<E: de::Error>(
 
 mod defaults {
     use super::*;
-    use crate::config::server_defaults;
+    use crate::config::{defaults, server_defaults};
 
     fn spanned<T>(value: T) -> Spanned<T> {
         Spanned::new(0..0, value)
     }
 
     pub fn shutdown_timeout() -> DurationValue {
-        DurationValue(Duration::from_secs(30))
+        DurationValue(defaults::SHUTDOWN_TIMEOUT)
     }
     pub fn connect_timeout() -> Spanned<DurationValue> {
-        spanned(DurationValue(Duration::from_secs(5)))
+        spanned(DurationValue(defaults::CONNECT_TIMEOUT))
     }
     pub fn idle_timeout() -> DurationValue {
-        DurationValue(Duration::from_secs(600))
+        DurationValue(defaults::IDLE_TIMEOUT)
     }
     pub fn zero_u32_spanned() -> Spanned<u32> {
         spanned(0)
     }
     pub fn queue_timeout() -> Spanned<DurationValue> {
-        spanned(DurationValue(Duration::from_secs(30)))
+        spanned(DurationValue(defaults::QUEUE_TIMEOUT))
     }
     pub fn zero() -> DurationValue {
         DurationValue(Duration::ZERO)

@@ -12,10 +12,10 @@ use super::raw::{
     OptionalDuration, RawClientTls, RawConfig, RawHealthCheck, RawListener, RawServer, RawUpstream,
 };
 use super::Source;
-use crate::config::agent_check;
 use crate::config::limits::{
     MAX_HASH_TOTAL_WEIGHT, MAX_LISTENERS, MAX_QUEUE, MAX_QUEUE_TIMEOUT, MAX_SERVERS, MAX_WEIGHT,
 };
+use crate::config::{agent_check, defaults};
 use crate::config::{
     clip, parse_server_name, quoted, Address, AdminConfig, Balance, ClientTlsSettings, Config,
     ConfigError, FileLines, HashRing, HealthCheckConfig, ListenerConfig, PemKind, RecycleConfig,
@@ -141,7 +141,7 @@ impl Source<'_> {
                     ))
                 }
             },
-            None => 0o660,
+            None => defaults::UNIX_MODE,
         };
         let span = raw.name.span();
         let mut tls_lines = FileLines::default();
