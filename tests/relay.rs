@@ -338,3 +338,40 @@ async fn a_server_that_speaks_first_is_not_kept_waiting() {
     drop(sluice);
     backend.finish().await;
 }
+
+/// The upstream half-closes first and the client finishes after it: the
+/// relay then ends without a shutdown towards the upstream (its close sends
+/// the FIN, issue 19), which must still reach the upstream as a clean end of
+/// stream after every byte the client sent, never as a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_and_a_clean_end_reach_an_upstream_that_half_closed_first() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = backend.accept().await.unwrap();
+        stream.write_all(b"greeting").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut heard = Vec::new();
+        // A reset would be an error here; a FIN is Ok after every byte.
+        stream.read_to_end(&mut heard).await.map(|_| heard)
+    });
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(&listen, "", "", &[server(backend_addr, "")])).await;
+    let mut stream = TcpStream::connect(&listen).await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, b"greeting");
+    let data = payload(256 * 1024 + 5, 3);
+    stream.write_all(&data).await.unwrap();
+    drop(stream);
+    let heard = tokio::time::timeout(Duration::from_secs(10), upstream)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.len(), data.len());
+    assert!(heard == data, "the upstream heard other bytes than sent");
+}
