@@ -216,6 +216,79 @@ async fn drain_sends_new_connections_elsewhere_and_delete_waits_for_the_open_one
     }
 }
 
+/// With `rebalance` on, a drained server's open connections are recycled
+/// at their next quiet moment (SPEC §9, §10), so a DELETE without `force`
+/// completes while the clients keep their other connections.
+#[tokio::test]
+async fn with_rebalance_a_drain_recycles_the_open_connections_at_a_quiet_moment() {
+    let backends = announcing(&["a", "b"]).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _sluice = Sluice::start(&with_admin(
+        config(
+            &listen,
+            "rebalance = true\nquiet_period = \"50ms\"",
+            "",
+            &servers(&backends),
+        ),
+        &admin,
+        "",
+    ))
+    .await;
+    let (mut on_a, first) = open(&listen).await;
+    let (mut on_b, second) = open(&listen).await;
+    assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+    // An answered request, then silence: both are at a quiet moment.
+    still_flows(&mut on_a).await;
+    still_flows(&mut on_b).await;
+
+    let (code, group) = api(
+        &admin,
+        "PATCH",
+        "/api/upstreams/pool/servers/a",
+        None,
+        Some(r#"{"state": "drain"}"#),
+    )
+    .await;
+    assert_eq!(code, 200, "{group}");
+    // sluice closes the drained connection: a clean end of stream.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, on_a.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+    // The client answers the end of stream with its own close, as a
+    // reconnecting client does; then the recycle is complete.
+    drop(on_a);
+    // The connection to b is not touched.
+    still_flows(&mut on_b).await;
+    let text = metrics(&admin).await;
+    let recycled = text
+        .lines()
+        .find(|line| {
+            line.starts_with("sluice_connections_recycled_total")
+                && line.contains("reason=\"drain\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(recycled, Some(1.0), "{text}");
+    // Nothing is left on a, so the removal completes without `force`.
+    let (code, group) = tokio::time::timeout(
+        WAIT,
+        api(
+            &admin,
+            "DELETE",
+            "/api/upstreams/pool/servers/a",
+            None,
+            None,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{group}");
+    assert!(peer(&group, "a").is_none(), "{group}");
+    still_flows(&mut on_b).await;
+    for backend in backends {
+        backend.finish().await;
+    }
+}
+
 #[tokio::test]
 async fn a_weight_change_shows_in_the_next_picks_order() {
     let backends = announcing(&["a", "b"]).await;
