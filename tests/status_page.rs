@@ -631,8 +631,8 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
             .await,
         json!(r#"["page-test-token",0,""]"#)
     );
-    // A weight the contract forbids (1-1000) is refused by the server, today
-    // (no runtime API: 405) as with the API (400); the page shows its answer.
+    // A weight the contract forbids (1-1000) is refused by the runtime API
+    // (400); the page shows its answer.
     let path = "/api/upstreams/pool/servers/alpha";
     let (refused, _) = request(
         &admin,
@@ -640,10 +640,7 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
         r#"{"weight":5000}"#,
     )
     .await;
-    assert!(
-        (400..500).contains(&refused),
-        "weight 5000 was not refused: {refused}"
-    );
+    assert_eq!(refused, 400, "weight 5000 was not refused");
     browser
         .eval(
             "document.querySelector('tr.server[data-name=\"alpha\"] button.manage').click(); \
@@ -664,6 +661,41 @@ async fn the_page_shows_every_server_and_follows_a_failure() {
         "{shown}"
     );
     assert_eq!(peer(&status(&admin).await, "alpha")["weight"], 1);
+    // An allowed weight and a drain take effect through the runtime API, and
+    // the page says so.
+    let confirmed = "(() => { const result = document.getElementById('control-result'); \
+                     return result.className === 'ok' && result.textContent; })()";
+    browser
+        .eval(
+            "document.getElementById('control-result').className = ''; \
+             document.getElementById('control-weight').value = '3'; \
+             document.getElementById('control-set-weight').click(); true",
+        )
+        .await;
+    browser
+        .wait_for("the weight change confirmed", confirmed)
+        .await;
+    status_until(&admin, "alpha at weight 3", |status| {
+        peer(status, "alpha")["weight"] == 3
+    })
+    .await;
+    browser
+        .eval(
+            "document.getElementById('control-result').className = ''; \
+             document.getElementById('control-drain').click(); true",
+        )
+        .await;
+    browser.wait_for("the drain confirmed", confirmed).await;
+    status_until(&admin, "alpha draining", |status| {
+        peer(status, "alpha")["state"] == "draining"
+    })
+    .await;
+    browser
+        .wait_for(
+            "alpha shown draining",
+            "document.querySelector('tr.server[data-name=\"alpha\"]').textContent.includes('draining')",
+        )
+        .await;
     // The one error logged since is the refused request itself.
     let errors = browser.errors();
     assert!(
