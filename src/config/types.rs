@@ -174,16 +174,28 @@ impl ServerConfig {
         weight: u32,
         max_conns: u32,
     ) -> ServerConfig {
+        let line = KeyLine {
+            file: PathBuf::from("runtime API"),
+            line: 0,
+            quote: None,
+        };
         ServerConfig {
-            address,
-            address_line: KeyLine {
-                file: PathBuf::from("runtime API"),
-                line: 0,
-                quote: None,
-            },
             name,
             weight,
             max_conns,
+            ..ServerConfig::with_defaults(address, line, Syntax::Toml)
+        }
+    }
+
+    /// A plain server at `address` with every other setting at its default
+    /// (SPEC §2): what servers that are not TOML tables start from.
+    pub(super) fn with_defaults(address: Address, address_line: KeyLine, syntax: Syntax) -> Self {
+        ServerConfig {
+            address,
+            address_line,
+            name: None,
+            weight: server_defaults::WEIGHT,
+            max_conns: 0,
             max_fails: server_defaults::MAX_FAILS,
             fail_timeout: server_defaults::FAIL_TIMEOUT,
             backup: false,
@@ -193,7 +205,7 @@ impl ServerConfig {
             resolve_interval: server_defaults::RESOLVE_INTERVAL,
             tls: None,
             tls_lines: FileLines::default(),
-            syntax: Syntax::Toml,
+            syntax,
             plugin_keys: Vec::new(),
             agent_check: None,
         }

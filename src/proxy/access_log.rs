@@ -113,6 +113,21 @@ impl<'a> AccessRecord<'a> {
     /// Writes an interim line for a connection still open (the listener's
     /// `access_log_interval`): its bytes so far, `close = "open"`.
     pub fn interim(&self, peer: &str, sent: u64, received: u64) {
+        self.write(peer, sent, received, "open", None);
+    }
+
+    /// Writes the line. `peer` is the peer relayed to, if any.
+    pub fn finish(&self, peer: Option<&str>, sent: u64, received: u64, close: Close<'_>) {
+        self.write(
+            peer.unwrap_or("-"),
+            sent,
+            received,
+            close.keyword(),
+            close.detail(),
+        );
+    }
+
+    fn write(&self, peer: &str, sent: u64, received: u64, close: &str, reason: Option<String>) {
         let Some(record) = self.0.as_ref() else {
             return;
         };
@@ -127,29 +142,8 @@ impl<'a> AccessRecord<'a> {
             sent,
             received,
             duration_ms = millis(record.accepted.elapsed()),
-            close = "open",
-            "access"
-        );
-    }
-
-    /// Writes the line. `peer` is the peer relayed to, if any.
-    pub fn finish(&self, peer: Option<&str>, sent: u64, received: u64, close: Close<'_>) {
-        let Some(record) = self.0.as_ref() else {
-            return;
-        };
-        tracing::info!(
-            target: TARGET,
-            listener = record.listener,
-            client = %record.client,
-            upstream = record.upstream,
-            peer = peer.unwrap_or("-"),
-            tries = record.tries.as_str(),
-            connect_ms = record.connect_time.map(millis),
-            sent,
-            received,
-            duration_ms = millis(record.accepted.elapsed()),
-            close = close.keyword(),
-            reason = close.detail(),
+            close,
+            reason,
             "access"
         );
     }

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub mod reader;
 
 use super::{
-    defaults, quoted, server_defaults, Address, Balance, ClientTlsSettings, Config, ConfigError,
-    FileLines, HashRing, KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax,
+    defaults, quoted, Address, Balance, ClientTlsSettings, Config, ConfigError, FileLines,
+    HashRing, KeyLine, ListenerConfig, PemKind, ProxyProtocol, ServerConfig, Syntax,
     UpstreamConfig,
 };
 use reader::{FluentBitError, Node, UpstreamFile};
@@ -159,27 +158,16 @@ fn server_from_node(
     } else {
         None
     };
+    let address = Address::Inet {
+        host: node.host.clone(),
+        port: node.port,
+    };
     Ok(ServerConfig {
-        syntax: Syntax::FluentBit,
-        address: Address::Inet {
-            host: node.host.clone(),
-            port: node.port,
-        },
-        address_line: key_line("host"),
         name: Some(node.name.clone()),
-        weight: server_defaults::WEIGHT,
-        max_conns: 0,
-        max_fails: server_defaults::MAX_FAILS,
-        fail_timeout: server_defaults::FAIL_TIMEOUT,
-        backup: false,
-        down: false,
-        slow_start: Duration::ZERO,
-        resolve: false,
-        resolve_interval: server_defaults::RESOLVE_INTERVAL,
         tls,
         tls_lines,
         plugin_keys: node.extra.clone(),
-        agent_check: None,
+        ..ServerConfig::with_defaults(address, key_line("host"), Syntax::FluentBit)
     })
 }
 
