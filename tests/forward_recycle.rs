@@ -76,7 +76,7 @@ async fn read_value(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<
             ) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
             Err(err) => return Err(format!("not msgpack: {err}")),
         }
-        let mut chunk = [0u8; 4096];
+        let mut chunk = [0u8; 65536];
         match stream.read(&mut chunk).await {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err("end of stream inside a value".to_owned()),
@@ -161,16 +161,31 @@ async fn receive(
     }
     while let Some(message) = read_value(&mut stream, &mut buf).await? {
         let items = message.as_array().ok_or("a message is an array")?;
-        // Message mode: [tag, time, record, option?].
-        let record = &items[2];
-        if let (Some(sender), Some(seq)) = (field(record, "sender"), field(record, "seq")) {
-            let pair = (
-                sender.as_u64().unwrap_or(u64::MAX),
-                seq.as_u64().unwrap_or(u64::MAX),
-            );
-            records.lock().unwrap().push(pair);
-        }
-        if let Some(chunk) = items.get(3).and_then(|options| field(options, "chunk")) {
+        let options = if let Some(entries) = items[1].as_slice() {
+            // PackedForward: [tag "bulk.SENDER.SEQ", entries, option].
+            let tag = items[0].as_str().ok_or("no tag")?;
+            let mut numbers = tag.split('.').skip(1).map(str::parse::<u64>);
+            let (Some(Ok(sender)), Some(Ok(seq))) = (numbers.next(), numbers.next()) else {
+                return Err(format!("tag {tag}"));
+            };
+            if entries != bulk_entries(sender, seq, entries.len()) {
+                return Err(format!("the entries of {tag} changed on the way"));
+            }
+            records.lock().unwrap().push((sender, seq));
+            items.get(2)
+        } else {
+            // Message mode: [tag, time, record, option?].
+            let record = &items[2];
+            if let (Some(sender), Some(seq)) = (field(record, "sender"), field(record, "seq")) {
+                let pair = (
+                    sender.as_u64().unwrap_or(u64::MAX),
+                    seq.as_u64().unwrap_or(u64::MAX),
+                );
+                records.lock().unwrap().push(pair);
+            }
+            items.get(3)
+        };
+        if let Some(chunk) = options.and_then(|options| field(options, "chunk")) {
             let ack = map(vec![("ack", chunk.clone())]);
             stream
                 .write_all(&encode(&ack))
@@ -179,6 +194,14 @@ async fn receive(
         }
     }
     Ok(())
+}
+
+/// The entries blob of a PackedForward record: `len` bytes that differ by
+/// sender, record and position, so a lost, repeated or moved byte shows.
+fn bulk_entries(sender: u64, seq: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 * 7 + seq * 13 + sender * 101) % 251) as u8)
+        .collect()
 }
 
 /// What one chunk sender saw.
@@ -195,7 +218,9 @@ struct SenderReport {
 
 /// A Forward client that sends each record with the `chunk` option and
 /// waits for its ack, `pause` between records, as Fluent Bit does with
-/// `require_ack_response`. Before each record it checks whether sluice
+/// `require_ack_response`. Each record is a Message-mode record, or with
+/// `entries` > 0 a PackedForward message carrying that many bytes of
+/// entries. Before each record it checks whether sluice
 /// closed the connection, and reconnects if so. It stops after `records`,
 /// or when sluice refuses a reconnect (it is shutting down). With
 /// `shutting_down`, a reconnect that sluice resets before the first ack
@@ -207,6 +232,7 @@ async fn chunk_sender(
     pause: Duration,
     shared_key: bool,
     shutting_down: bool,
+    entries: usize,
 ) -> SenderReport {
     let mut report = SenderReport::default();
     let mut connection: Option<(TcpStream, Vec<u8>)> = None;
@@ -253,15 +279,23 @@ async fn chunk_sender(
         let seq = report.acked;
         let chunk = format!("{sender}-{seq}-{attempt}");
         attempt += 1;
-        let message = Value::Array(vec![
-            text("sluice.test.record"),
-            Value::from(1_700_000_000u64 + seq),
-            map(vec![
-                ("sender", Value::from(sender)),
-                ("seq", Value::from(seq)),
-            ]),
-            map(vec![("chunk", text(&chunk))]),
-        ]);
+        let message = if entries > 0 {
+            Value::Array(vec![
+                text(&format!("bulk.{sender}.{seq}")),
+                Value::Binary(bulk_entries(sender, seq, entries)),
+                map(vec![("chunk", text(&chunk))]),
+            ])
+        } else {
+            Value::Array(vec![
+                text("sluice.test.record"),
+                Value::from(1_700_000_000u64 + seq),
+                map(vec![
+                    ("sender", Value::from(sender)),
+                    ("seq", Value::from(seq)),
+                ]),
+                map(vec![("chunk", text(&chunk))]),
+            ])
+        };
         if let Err(err) = stream.write_all(&encode(&message)).await {
             if !refused_late(&report, acked_here) {
                 report.errors.push(format!("record {seq}: {err}"));
@@ -365,15 +399,16 @@ fn all_records(receivers: &[&Receiver]) -> Vec<(u64, u64)> {
 }
 
 /// Six chunk senders on two aggregators; a third joins by reload and gets
-/// its share; every chunk is acked, no record lost or repeated.
-async fn senders_move_to_a_new_aggregator(shared_key: bool) {
+/// its share; every chunk is acked, no record lost or repeated. With
+/// `entries` > 0 they send PackedForward messages of that size.
+async fn senders_move_to_a_new_aggregator(shared_key: bool, entries: usize) {
     let a = Receiver::start(shared_key).await;
     let b = Receiver::start(shared_key).await;
     let c = Receiver::start(shared_key).await;
     let (listen, admin) = (free_addr(), free_addr());
     let two = [server(&a.addr, ""), server(&b.addr, "")];
     let sluice = Sluice::start(&forward_config(&listen, &admin, "", &two)).await;
-    let (senders, records) = (6u64, 50u64);
+    let (senders, records) = (6u64, if entries > 0 { 30 } else { 50 });
     let mut tasks = Vec::new();
     for sender in 0..senders {
         let pause = Duration::from_millis(150);
@@ -384,6 +419,7 @@ async fn senders_move_to_a_new_aggregator(shared_key: bool) {
             pause,
             shared_key,
             false,
+            entries,
         )));
         let open = wait_until(Duration::from_secs(10), || {
             a.open.get() + b.open.get() > sender as usize
@@ -438,12 +474,19 @@ async fn senders_move_to_a_new_aggregator(shared_key: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_senders_move_to_a_new_aggregator_with_every_chunk_acked() {
-    senders_move_to_a_new_aggregator(false).await;
+    senders_move_to_a_new_aggregator(false, 0).await;
+}
+
+/// The entries of each PackedForward message (256 KiB) are spliced past
+/// the framing follower, which must still find every boundary and ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_packed_forward_senders_move_with_every_byte_intact() {
+    senders_move_to_a_new_aggregator(false, 256 * 1024).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_key_handshake_passes_through_and_senders_still_move() {
-    senders_move_to_a_new_aggregator(true).await;
+    senders_move_to_a_new_aggregator(true, 0).await;
 }
 
 fn manifest_dir() -> PathBuf {
@@ -567,6 +610,7 @@ async fn sigterm_moves_forward_senders_at_message_boundaries() {
             pause,
             false,
             true,
+            0,
         )));
     }
     assert!(wait_until(Duration::from_secs(10), || a.open.get() == 4).await);

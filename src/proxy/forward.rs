@@ -148,6 +148,38 @@ impl ForwardFollower {
         }
     }
 
+    /// How many of the next bytes one way the follower would pass without
+    /// looking (the rest of a payload it skips by count): the relay may move
+    /// them unseen and report them with [`Self::passed_unseen`]. Everything,
+    /// once the stream is malformed.
+    pub fn unseen_run(&self, client_to_upstream: bool) -> u64 {
+        if self.malformed {
+            return u64::MAX;
+        }
+        self.parser(client_to_upstream).unseen_run()
+    }
+
+    /// `count` bytes of the unseen run went by without being fed.
+    pub fn passed_unseen(&mut self, client_to_upstream: bool, count: u64) {
+        if self.malformed {
+            return;
+        }
+        let parser = if client_to_upstream {
+            &mut self.requests
+        } else {
+            &mut self.replies
+        };
+        self.malformed = parser.pass_unseen(count, &mut self.pending).is_err();
+    }
+
+    fn parser(&self, client_to_upstream: bool) -> &Parser {
+        if client_to_upstream {
+            &self.requests
+        } else {
+            &self.replies
+        }
+    }
+
     /// Whether the stream broke the grammar: recycling is off for good.
     #[cfg(test)]
     pub fn is_malformed(&self) -> bool {
@@ -184,6 +216,31 @@ impl Parser {
 
     fn at_boundary(&self) -> bool {
         self.stack.is_empty() && self.header_len == 0 && self.skip == 0
+    }
+
+    /// Payload bytes still to pass that nobody keeps.
+    fn unseen_run(&self) -> u64 {
+        if self.capture.is_some() {
+            0
+        } else {
+            self.skip
+        }
+    }
+
+    /// Passes `count` bytes of the unseen run; more than it holds breaks
+    /// the relay's side of the bargain and is treated as malformed.
+    fn pass_unseen(&mut self, count: u64, pending: &mut Pending) -> Result<(), Malformed> {
+        if count == 0 {
+            return Ok(());
+        }
+        if count > self.unseen_run() {
+            return Err(Malformed);
+        }
+        self.skip -= count;
+        if self.skip == 0 {
+            self.payload_done(pending)?;
+        }
+        Ok(())
     }
 
     fn feed(&mut self, mut bytes: &[u8], pending: &mut Pending) -> Result<(), Malformed> {
@@ -621,6 +678,66 @@ mod tests {
         assert!(follower.is_malformed(), "past MAX_OUTSTANDING");
     }
 
+    /// PackedForward messages whose entries are `size` bytes, chunk ids
+    /// `id-0`, `id-1`, ...
+    fn packed_stream(count: usize, size: usize) -> Vec<u8> {
+        let mut stream = Vec::new();
+        for n in 0..count {
+            stream.extend(encode(&Value::Array(vec![
+                text("tag"),
+                Value::Binary(vec![n as u8; size]),
+                map(&[("chunk", text(&format!("id-{n}")))]),
+            ])));
+        }
+        stream
+    }
+
+    #[test]
+    fn a_payload_passed_unseen_is_followed_like_one_fed() {
+        let stream = packed_stream(3, 100_000);
+        let mut follower = ForwardFollower::default();
+        assert_eq!(follower.unseen_run(true), 0, "between messages");
+        let mut at = 0;
+        let mut unseen = 0;
+        while at < stream.len() {
+            let run = follower.unseen_run(true);
+            if run > 0 {
+                // A relay splices what the pipe takes, never more than the run.
+                let step = run.min(65_536);
+                follower.passed_unseen(true, step);
+                at += step as usize;
+                unseen += step;
+            } else {
+                follower.client_bytes(&stream[at..at + 1]);
+                at += 1;
+            }
+        }
+        assert!(unseen >= 3 * 99_000, "only {unseen} bytes unseen");
+        assert!(!follower.is_malformed());
+        assert!(!follower.is_quiet(), "the chunks wait for their acks");
+        assert_eq!(follower.unseen_run(false), 0);
+        for n in 0..3 {
+            follower.upstream_bytes(&ack(&format!("id-{n}")));
+        }
+        assert!(follower.is_quiet());
+    }
+
+    #[test]
+    fn a_chunk_id_is_never_unseen_and_passing_past_the_run_is_malformed() {
+        let stream = packed_stream(1, 1_000);
+        let options_at = stream.len() - encode(&map(&[("chunk", text("id-0"))])).len();
+        let mut follower = ForwardFollower::default();
+        follower.client_bytes(&stream[..options_at + 4]);
+        assert_eq!(follower.unseen_run(true), 0, "inside the kept `chunk` key");
+        let mut follower = ForwardFollower::default();
+        follower.client_bytes(&stream[..10]);
+        let run = follower.unseen_run(true);
+        assert!(run > 900);
+        follower.passed_unseen(true, run + 1);
+        assert!(follower.is_malformed());
+        assert_eq!(follower.unseen_run(true), u64::MAX, "malformed: all unseen");
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -640,6 +757,37 @@ mod tests {
                     follower.upstream_bytes(piece);
                 }
                 let _ = follower.is_quiet();
+            }
+
+            /// PackedForward messages of any size, their payloads passed
+            /// unseen in pieces of any size: followed exactly.
+            #[test]
+            fn payloads_passed_unseen_in_any_pieces_are_followed(
+                count in 1usize..5,
+                size in 0usize..5_000,
+                cut in 1usize..40,
+                step in 1u64..3_000,
+            ) {
+                let stream = packed_stream(count, size);
+                let mut follower = ForwardFollower::default();
+                let mut at = 0;
+                while at < stream.len() {
+                    let run = follower.unseen_run(true);
+                    if run > 0 {
+                        follower.passed_unseen(true, run.min(step));
+                        at += run.min(step) as usize;
+                    } else {
+                        // A buffer read: the framing and whatever follows.
+                        let end = (at + cut).min(stream.len());
+                        follower.client_bytes(&stream[at..end]);
+                        at = end;
+                    }
+                }
+                prop_assert!(!follower.is_malformed());
+                for n in 0..count {
+                    follower.upstream_bytes(&ack(&format!("id-{n}")));
+                }
+                prop_assert!(follower.is_quiet());
             }
 
             /// Valid messages cut anywhere are followed exactly: quiet at

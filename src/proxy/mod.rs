@@ -375,8 +375,7 @@ fn turned_away<T>(
 }
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
-/// anything else (TLS, other systems), and connections whose bytes are
-/// followed (`protocol = "forward"`), is copied through user-space buffers.
+/// anything else (TLS, other systems) is copied through user-space buffers.
 async fn relay_streams(
     client: &mut Stream,
     upstream: &mut Stream,
@@ -386,18 +385,16 @@ async fn relay_streams(
     report: impl FnMut(u64, u64),
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
-    if !watch.as_ref().is_some_and(Watch::follows_bytes) {
-        if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-            return splice::relay(
-                client,
-                upstream,
-                idle_timeout,
-                report_interval,
-                watch,
-                report,
-            )
-            .await;
-        }
+    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
+        return splice::relay(
+            client,
+            upstream,
+            idle_timeout,
+            report_interval,
+            watch,
+            report,
+        )
+        .await;
     }
     relay(
         client,

@@ -454,15 +454,26 @@ impl Watch {
         count_recycled_by(&self.listener, reason, 1);
     }
 
-    /// Whether the relay must see the bytes (`forward`); an opaque watch
-    /// needs only their counts, so the kernel may splice them.
-    pub fn follows_bytes(&self) -> bool {
-        self.forward.is_some()
+    /// How many of the next bytes one way may pass unseen (spliced): all of
+    /// them when only their counts matter (`opaque`); with `forward`, the
+    /// rest of a payload the framing follower skips anyway.
+    pub(super) fn unseen_run(&self, direction: Direction) -> u64 {
+        match &self.forward {
+            Some(forward) => forward.unseen_run(direction == Direction::ToUpstream),
+            None => u64::MAX,
+        }
     }
 
-    /// `count` bytes were read from one side, unseen (spliced), to be
+    /// `count` bytes of the unseen run were read from one side, to be
     /// written to the other.
-    pub(super) fn arrived(&mut self, direction: Direction, count: usize) {
+    pub(super) fn passed_unseen(&mut self, direction: Direction, count: usize) {
+        self.arrived(direction, count);
+        if let Some(forward) = &mut self.forward {
+            forward.passed_unseen(direction == Direction::ToUpstream, count as u64);
+        }
+    }
+
+    fn arrived(&mut self, direction: Direction, count: usize) {
         self.in_flight[direction as usize] += count as u64;
     }
 

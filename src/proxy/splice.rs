@@ -119,6 +119,17 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// transfer, which the direction then splices.
 const BUFFER_SIZE: usize = 16 * 1024;
 
+/// The fewest bytes spliced at once. A `forward` watch lets the relay splice
+/// only the rest of a payload it skips; a shorter rest is copied with the
+/// framing after it, one read instead of a splice and a read.
+const MIN_SPLICE: u64 = BUFFER_SIZE as u64;
+
+/// What a `forward` direction reads after a splice, beyond the short rest of
+/// the payload: enough for the framing between two payloads (the rest of a
+/// message, the next one's tag and entries header), so the next payload is
+/// spliced nearly whole instead of its first 16 KiB being copied.
+const FRAMING_READ: usize = 1024;
+
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
@@ -171,6 +182,8 @@ struct PlainHalf {
     pipe: Option<Pipe>,
     in_pipe: usize,
     bulk: bool,
+    /// The last read was a splice that ended at the watch's unseen run.
+    after_splice: bool,
     read_done: bool,
     /// Recycling: the client's side is shut; bytes read are dropped.
     discarding: bool,
@@ -210,10 +223,25 @@ impl PlainHalf {
         loop {
             if self.start == self.end && self.in_pipe == 0 && !self.read_done {
                 ready!(from.poll_ready(cx, Interest::READABLE)).map_err(CopyError::Read)?;
-                let moved = if self.bulk {
-                    self.splice_in(from)
+                // Bulk data is spliced as far as the watch need not see it:
+                // all of it when opaque, a skipped payload's rest for forward.
+                let unseen = match watch.as_deref() {
+                    Some(watch) if self.bulk => watch.unseen_run(direction),
+                    Some(_) => 0,
+                    None if self.bulk => u64::MAX,
+                    None => 0,
+                };
+                let spliced = unseen >= MIN_SPLICE;
+                let moved = if spliced {
+                    let len = usize::try_from(unseen).map_or(SPLICE_CHUNK, |n| n.min(SPLICE_CHUNK));
+                    self.after_splice = true;
+                    self.splice_in(from, len)
+                } else if std::mem::take(&mut self.after_splice) {
+                    // The short rest of the payload, and the framing after it.
+                    let rest = usize::try_from(unseen).unwrap_or(BUFFER_SIZE);
+                    self.read_in(from, rest.saturating_add(FRAMING_READ).min(BUFFER_SIZE))
                 } else {
-                    self.read_in(from)
+                    self.read_in(from, BUFFER_SIZE)
                 };
                 match moved {
                     Ok(Some(0)) => self.read_done = true,
@@ -224,8 +252,12 @@ impl PlainHalf {
                     }
                     Ok(Some(read)) => {
                         *progressed = true;
-                        if let Some(watch) = watch.as_deref_mut() {
-                            watch.arrived(direction, read);
+                        match (watch.as_deref_mut(), &self.buffer) {
+                            (Some(watch), _) if spliced => watch.passed_unseen(direction, read),
+                            (Some(watch), Some(buffer)) => {
+                                watch.read(direction, &buffer[self.start..self.end]);
+                            }
+                            _ => {}
                         }
                     }
                     Ok(None) => {}
@@ -297,8 +329,8 @@ impl PlainHalf {
 
     /// Reads into the buffer: `Some(0)` at end of stream, `None` when the
     /// readiness was stale.
-    fn read_in(&mut self, from: PlainSocket<'_>) -> io::Result<Option<usize>> {
-        let buffer = self.buffer.get_or_insert_with(take_buffer);
+    fn read_in(&mut self, from: PlainSocket<'_>, limit: usize) -> io::Result<Option<usize>> {
+        let buffer = &mut self.buffer.get_or_insert_with(take_buffer)[..limit];
         let mut short_read = None;
         let result = from.try_io(Interest::READABLE, || {
             let read = recv(from.as_raw_fd(), buffer)?;
@@ -320,13 +352,13 @@ impl PlainHalf {
         };
         self.start = 0;
         self.end = read;
-        self.bulk = read == BUFFER_SIZE;
+        self.bulk = read == limit;
         Ok(Some(read))
     }
 
     /// Splices into the pipe: `Some(0)` at end of stream, `None` when the
     /// readiness was stale.
-    fn splice_in(&mut self, from: PlainSocket<'_>) -> io::Result<Option<usize>> {
+    fn splice_in(&mut self, from: PlainSocket<'_>, len: usize) -> io::Result<Option<usize>> {
         let pipe = match self.pipe.take() {
             Some(pipe) => pipe,
             None => Pipe::take()?,
@@ -334,7 +366,7 @@ impl PlainHalf {
         let pipe_in = pipe.write.as_raw_fd();
         self.pipe = Some(pipe);
         match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe_in, SPLICE_CHUNK)
+            splice(from.as_raw_fd(), pipe_in, len)
         }) {
             Ok(moved) => {
                 self.in_pipe = moved;
@@ -348,8 +380,8 @@ impl PlainHalf {
 
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
-/// counts given to `report`, and recycling with a `watch` that needs no
-/// sight of the bytes (`protocol = "opaque"`).
+/// counts given to `report`, and recycling with a `watch`. A `forward`
+/// watch sees every byte of the framing; the payloads it skips are spliced.
 pub fn relay<'a>(
     client: PlainSocket<'a>,
     upstream: PlainSocket<'a>,
