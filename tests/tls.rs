@@ -717,7 +717,7 @@ fn tls12_only_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(&pki.server.key).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS12])
     .unwrap()

@@ -170,7 +170,7 @@ pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOri
         (None, None) => None,
     };
 
-    let provider = ring_provider();
+    let provider = crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ProtocolVersions)?;
@@ -212,7 +212,7 @@ pub fn origin(settings: &ClientTlsSettings, default_host: &str) -> Result<TlsOri
 
 /// Builds the acceptor terminating TLS on a listener.
 pub fn acceptor(settings: &ServerTlsSettings) -> Result<TlsAcceptor, TlsError> {
-    let provider = ring_provider();
+    let provider = crypto_provider();
     let identity = load_certified_key(&settings.cert_file, &settings.key_file, &provider)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -234,8 +234,8 @@ pub fn acceptor(settings: &ServerTlsSettings) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn ring_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A PEM file's content. At most [`MAX_PEM_BYTES`] are read: a device or a
@@ -711,7 +711,7 @@ mod tests {
         let (_dir, pki) = pki();
         // A server presenting the impostor's certificate without holding its
         // key: built by hand because `acceptor` refuses the mismatched pair.
-        let provider = ring_provider();
+        let provider = crypto_provider();
         let chain = load_certificates(&pki.impostor.cert).expect("impostor certificate");
         let key = PrivateKeyDer::from_pem_slice(&read_pem(&pki.server.key).expect("read key"))
             .expect("a key");
