@@ -162,7 +162,8 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 /// one write each); once a read fills the buffer the direction carries bulk
 /// data and splices socket → pipe → socket from then on. The buffer or pipe
 /// is held only while bytes are in flight. After the reader's end of stream
-/// the writer's write half is shut down.
+/// the writer's write half is shut down, unless the close that ends the
+/// relay sends the same FIN.
 #[derive(Default)]
 struct PlainHalf {
     buffer: Option<Box<[u8]>>,
@@ -187,6 +188,7 @@ impl PlainHalf {
         progressed: &mut bool,
         direction: Direction,
         mut watch: Option<&mut Watch>,
+        to_finished_sending: bool,
     ) -> Poll<Result<(), CopyError>> {
         if direction == Direction::ToClient
             && !self.discarding
@@ -289,7 +291,14 @@ impl PlainHalf {
                 return Poll::Ready(Ok(()));
             }
             if self.read_done {
-                to.shutdown_write().map_err(CopyError::Write)?;
+                // When `to` already sent its FIN and everything before it was
+                // read, this direction finishing ends the relay and the close
+                // that follows sends the FIN: a shutdown first is one system
+                // call more for the same packets. Unread bytes would turn
+                // that close into a reset, so only end of stream counts.
+                if !to_finished_sending {
+                    to.shutdown_write().map_err(CopyError::Write)?;
+                }
                 return Poll::Ready(Ok(()));
             }
         }
@@ -366,12 +375,26 @@ pub fn relay<'a>(
         watch,
         report,
         move |cx, direction, bytes, progressed, watch| match direction {
-            Direction::ToUpstream => {
-                to_upstream.poll_move(cx, client, upstream, bytes, progressed, direction, watch)
-            }
-            Direction::ToClient => {
-                to_client.poll_move(cx, upstream, client, bytes, progressed, direction, watch)
-            }
+            Direction::ToUpstream => to_upstream.poll_move(
+                cx,
+                client,
+                upstream,
+                bytes,
+                progressed,
+                direction,
+                watch,
+                to_client.read_done,
+            ),
+            Direction::ToClient => to_client.poll_move(
+                cx,
+                upstream,
+                client,
+                bytes,
+                progressed,
+                direction,
+                watch,
+                to_upstream.read_done,
+            ),
         },
     )
 }
