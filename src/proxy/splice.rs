@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 
+use super::buffers::{give_back_buffer, take_buffer, Seed, BUFFER_SIZE};
 use super::recycle::Watch;
 use super::relay::{drive, CopyError, Direction, RelayOutcome};
 use crate::net::stream::PlainSocket;
@@ -39,8 +40,7 @@ const MAX_LARGE_PIPES: usize = 128;
 /// Pipes of PIPE_CAPACITY open in the process, pooled ones included.
 static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
 
-/// Empty pipes, and buffers, kept per worker thread for the next
-/// connection with data.
+/// Empty pipes kept per worker thread for the next connection with data.
 const POOL_PER_THREAD: usize = 64;
 
 struct Pipe {
@@ -113,29 +113,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     } else {
         Ok(moved as usize)
     }
-}
-
-/// Bytes read per copy. A read that fills the whole buffer marks a bulk
-/// transfer, which the direction then splices.
-const BUFFER_SIZE: usize = 16 * 1024;
-
-thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Box<[u8]> {
-    BUFFERS
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
-}
-
-fn give_back_buffer(buffer: Box<[u8]>) {
-    BUFFERS.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
-            pool.push(buffer);
-        }
-    });
 }
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -358,17 +335,28 @@ impl PlainHalf {
 /// Relays between two plaintext sockets with the same semantics as
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
 /// counts given to `report`, and recycling with a `watch` that needs no
-/// sight of the bytes (`protocol = "opaque"`).
+/// sight of the bytes (`protocol = "opaque"`). The `seed` goes to the
+/// upstream first.
 pub fn relay<'a>(
     client: PlainSocket<'a>,
     upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
     report_interval: Duration,
-    watch: Option<Watch>,
+    mut watch: Option<Watch>,
+    seed: Option<Seed>,
     report: impl FnMut(u64, u64) + 'a,
 ) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
+    if let Some(Seed { buffer, len }) = seed {
+        if let Some(watch) = &mut watch {
+            watch.arrived(Direction::ToUpstream, len);
+        }
+        // As if the direction's first read had returned these bytes.
+        to_upstream.bulk = len == BUFFER_SIZE;
+        to_upstream.buffer = Some(buffer);
+        to_upstream.end = len;
+    }
     drive(
         idle_timeout,
         report_interval,
