@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 const WANTED: usize = 10_000;
@@ -69,7 +69,15 @@ struct Counts {
 
 /// An echo backend with small buffers that counts its connections.
 async fn counting_echo_backend() -> (std::net::SocketAddr, Arc<Counts>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // TcpListener::bind listens with a backlog of 128, below IN_FLIGHT: the
+    // SYN queue overflowed, the kernel answered with SYN cookies, and a
+    // listener in that mode takes a stray ACK that fits a cookie for a new
+    // connection, one nobody opened and that never ends (the test failed
+    // now and then on it, and every SYN dropped cost a 1 s retransmit).
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
     let addr = listener.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
     let task_counts = Arc::clone(&counts);
