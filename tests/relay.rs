@@ -375,3 +375,61 @@ async fn bytes_and_a_clean_end_reach_an_upstream_that_half_closed_first() {
     assert_eq!(heard.len(), data.len());
     assert!(heard == data, "the upstream heard other bytes than sent");
 }
+
+/// The bytes a client sent before sluice connected its peer are read as the
+/// connect completes (issue 19) and written first by the relay: each reaches
+/// the peer once and in order, whether they fill less than the read buffer,
+/// exactly all of it (the relay then splices the rest) or the client sends
+/// more than it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_connect_reach_the_upstream_once_and_in_order() {
+    let (backend, listen, _sluice) = echo_setup("accept_proxy_protocol = true").await;
+    for (first, rest) in [
+        (1, 0),
+        (5_000, 300_000),
+        (16 * 1024, 0),
+        (16 * 1024, 70_000),
+        (300_000, 2_000_000),
+    ] {
+        let data = payload(first + rest, first as u64);
+        let digest = early_echo_digest(&listen, &data[..first], data[first..].to_vec()).await;
+        assert!(
+            digest == sha256(&data),
+            "{first} bytes with the header and {rest} after came back changed"
+        );
+    }
+    backend.finish().await;
+}
+
+/// A client that spoke and finds no peer is reset (the kernel resets a socket
+/// closed with bytes unread; sluice reads them only once a peer is
+/// connected): it cannot take the close for a clean end after its bytes were
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_turned_away_after_speaking_is_reset() {
+    let (refusing, _held) = refusing_addr();
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(
+        &listen,
+        "accept_proxy_protocol = true",
+        "",
+        &[server(&refusing, "")],
+    ))
+    .await;
+    for first in [1, 16 * 1024, 40_000] {
+        let mut stream = TcpStream::connect(&listen).await.unwrap();
+        stream
+            .write_all(&[PROXY_HEADER, &payload(first, 9)].concat())
+            .await
+            .unwrap();
+        let mut heard = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut heard))
+            .await
+            .expect("the client was not closed");
+        assert!(
+            matches!(&end, Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset),
+            "after {first} bytes: {end:?}, not a reset"
+        );
+        assert!(heard.is_empty());
+    }
+}

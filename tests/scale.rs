@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 const WANTED: usize = 10_000;
@@ -58,24 +58,46 @@ fn raise_descriptor_limit() -> usize {
     connections
 }
 
-/// An echo backend with small buffers that tracks how many connections are open.
-async fn counting_echo_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// The echo backend's connections: open now, the most open at once, and
+/// those open that have not received a byte yet.
+#[derive(Default)]
+struct Counts {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+    silent: AtomicUsize,
+}
+
+/// An echo backend with small buffers that counts its connections.
+async fn counting_echo_backend() -> (std::net::SocketAddr, Arc<Counts>) {
+    // TcpListener::bind listens with a backlog of 128, below IN_FLIGHT: the
+    // SYN queue overflowed, the kernel answered with SYN cookies, and a
+    // listener in that mode takes a stray ACK that fits a cookie for a new
+    // connection, one nobody opened and that never ends (the test failed
+    // now and then on it, and every SYN dropped cost a 1 s retransmit).
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
     let addr = listener.local_addr().unwrap();
-    let (open, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (task_open, task_peak) = (Arc::clone(&open), Arc::clone(&peak));
+    let counts = Arc::new(Counts::default());
+    let task_counts = Arc::clone(&counts);
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let now = task_open.fetch_add(1, Ordering::SeqCst) + 1;
-            task_peak.fetch_max(now, Ordering::SeqCst);
-            let open = Arc::clone(&task_open);
+            let now = task_counts.open.fetch_add(1, Ordering::SeqCst) + 1;
+            task_counts.peak.fetch_max(now, Ordering::SeqCst);
+            task_counts.silent.fetch_add(1, Ordering::SeqCst);
+            let counts = Arc::clone(&task_counts);
             tokio::spawn(async move {
                 let mut buf = [0; 256];
+                let mut silent = true;
                 loop {
                     match stream.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
+                            if std::mem::take(&mut silent) {
+                                counts.silent.fetch_sub(1, Ordering::SeqCst);
+                            }
                             if stream.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -83,11 +105,14 @@ async fn counting_echo_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc
                     }
                 }
                 let _ = stream.shutdown().await;
-                open.fetch_sub(1, Ordering::SeqCst);
+                if silent {
+                    counts.silent.fetch_sub(1, Ordering::SeqCst);
+                }
+                counts.open.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, open, peak)
+    (addr, counts)
 }
 
 fn warnings(sluice: &Sluice) -> String {
@@ -100,6 +125,12 @@ fn warnings(sluice: &Sluice) -> String {
     lines.join("\n")
 }
 
+fn descriptors_of(sluice: &Sluice) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", sluice.pid()))
+        .unwrap()
+        .count()
+}
+
 fn message(round: &str, index: usize) -> Vec<u8> {
     let mut text = format!("{round} {index:05} ").into_bytes();
     text.extend(payload(48, index as u64));
@@ -110,7 +141,7 @@ fn message(round: &str, index: usize) -> Vec<u8> {
 async fn ten_thousand_concurrent_connections_relay_every_byte() {
     let connections = raise_descriptor_limit();
     let started = Instant::now();
-    let (backend, open, peak) = counting_echo_backend().await;
+    let (backend, counts) = counting_echo_backend().await;
     let listen = free_addr();
     // On a busy loopback a SYN now and then meets a TIME_WAIT and is
     // retransmitted after a second: connect_timeout leaves room for that.
@@ -147,11 +178,9 @@ async fn ten_thousand_concurrent_connections_relay_every_byte() {
         );
     }
     assert_eq!(held.len(), connections);
-    assert_eq!(open.load(Ordering::SeqCst), connections);
+    assert_eq!(counts.open.load(Ordering::SeqCst), connections);
     // Two descriptors per relayed connection in sluice, all at once.
-    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", sluice.pid()))
-        .unwrap()
-        .count();
+    let descriptors = descriptors_of(&sluice);
     assert!(
         descriptors >= 2 * connections,
         "sluice holds {descriptors} descriptors"
@@ -176,8 +205,21 @@ async fn ten_thousand_concurrent_connections_relay_every_byte() {
     })
     .await;
     assert!(closed.is_ok(), "closing took too long");
-    assert!(wait_until(Duration::from_secs(10), || open.load(Ordering::SeqCst) == 0).await);
-    assert_eq!(peak.load(Ordering::SeqCst), connections);
+    let drained = wait_until(Duration::from_secs(10), || {
+        counts.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    // Every relayed connection carried two messages: one that never received
+    // a byte was not opened by sluice for this test's clients.
+    assert!(
+        drained,
+        "{} backend connections still open, {} of them without a byte received; sluice holds {} descriptors\n{}",
+        counts.open.load(Ordering::SeqCst),
+        counts.silent.load(Ordering::SeqCst),
+        descriptors_of(&sluice),
+        warnings(&sluice)
+    );
+    assert_eq!(counts.peak.load(Ordering::SeqCst), connections);
     eprintln!(
         "{connections} concurrent connections relayed in {:.1}s; sluice held {descriptors} descriptors",
         started.elapsed().as_secs_f64()

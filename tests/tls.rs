@@ -858,3 +858,36 @@ async fn failed_client_handshakes_are_counted_and_logged_once_a_minute() {
     assert_eq!(backend.accepted(), 0);
     backend.finish().await;
 }
+
+/// Towards a TLS server the relay copies through user space: the bytes a
+/// client sent before sluice connected its peer, read as the connect
+/// completes (issue 19), go first through that relay too, once each and in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_connect_reach_a_tls_server_once_and_in_order() {
+    let (_dir, pki) = pki();
+    let backend = trusted_backend(&pki, "echo", Behavior::Echo).await;
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(
+        &listen,
+        "accept_proxy_protocol = true",
+        "",
+        &[server(
+            backend.addr,
+            &format!(
+                "[upstream.pool.server.tls]\n{}",
+                toml_path("ca_file", &pki.ca)
+            ),
+        )],
+    ))
+    .await;
+    for (first, rest) in [(1, 0), (5_000, 300_000), (16 * 1024, 70_000)] {
+        let data = payload(first + rest, first as u64);
+        let digest = early_echo_digest(&listen, &data[..first], data[first..].to_vec()).await;
+        assert!(
+            digest == sha256(&data),
+            "{first} bytes with the header and {rest} after came back changed"
+        );
+    }
+    assert_eq!(backend.handshakes(), 3);
+}

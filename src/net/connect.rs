@@ -14,18 +14,18 @@ use crate::tls::{self, TlsOrigin};
 
 /// Connects to `target`, sends `proxy_header` (if not empty) in the clear,
 /// and, with `tls`, completes the handshake. Health checks connect the same
-/// way. `client_spoke`: the client has sent bytes that will follow the
-/// connect at once.
+/// way. `bytes_follow`: the caller expects to send bytes right after the
+/// connect; if none come, it calls [`send_handshake_ack`].
 pub async fn connect_peer(
     target: &PeerTarget,
     tls: Option<&TlsOrigin>,
     proxy_header: &[u8],
-    client_spoke: bool,
+    bytes_follow: bool,
 ) -> io::Result<Stream> {
     // When bytes go out right after the handshake, its last ACK can ride on
     // them: one packet fewer per connection (HAProxy does the same). Never
     // otherwise: a server that speaks first would wait for a delayed ACK.
-    let sends_at_once = client_spoke || !proxy_header.is_empty() || tls.is_some();
+    let sends_at_once = bytes_follow || !proxy_header.is_empty() || tls.is_some();
     let mut stream = connect(target, sends_at_once).await?;
     if !proxy_header.is_empty() {
         stream.write_all(proxy_header).await.map_err(|err| {
@@ -57,14 +57,14 @@ pub async fn connect_within(
     target: &PeerTarget,
     tls: Option<&TlsOrigin>,
     proxy_header: &[u8],
-    client_spoke: bool,
+    bytes_follow: bool,
 ) -> Connected {
     let mut local_error = None;
     let outcome = tokio::time::timeout(timeout, async {
         let mut pause = Duration::from_millis(5);
         loop {
             local_error = None;
-            match connect_peer(target, tls, proxy_header, client_spoke).await {
+            match connect_peer(target, tls, proxy_header, bytes_follow).await {
                 Err(err) if is_local_resource_error(&err) => {
                     local_error = Some(err);
                     tokio::time::sleep(pause).await;
@@ -80,6 +80,15 @@ pub async fn connect_within(
         (Ok(Err(err)), _) => Connected::Failed(err),
         (Err(_), Some(err)) => Connected::LocalResources(err),
         (Err(_), None) => Connected::TimedOut,
+    }
+}
+
+/// Sends the connect's last ACK now, where [`connect_peer`] held it back for
+/// bytes that did not come: a server that speaks first waits for it.
+pub fn send_handshake_ack(stream: &Stream) {
+    if let Stream::Tcp(stream) = stream {
+        // Only an optimisation was asked for: a refusal leaves the delayed ACK.
+        let _ = SockRef::from(stream).set_quickack(true);
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
+use super::buffers::Seed;
 pub(super) use super::direction::Direction;
 use super::recycle::{Quiet, Reason, Watch, RECYCLE_LINGER};
 
@@ -89,6 +90,20 @@ impl HalfDuplex {
             buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
             start: 0,
             end: 0,
+            read_done: false,
+            need_flush: false,
+            discarding: false,
+            read_error: None,
+        }
+    }
+
+    /// Starts with the seed's bytes to write, as if read first; its buffer
+    /// is as large as a new direction's.
+    fn seeded(seed: Seed) -> Self {
+        HalfDuplex {
+            buf: seed.buffer,
+            start: 0,
+            end: seed.len,
             read_done: false,
             need_flush: false,
             discarding: false,
@@ -226,15 +241,16 @@ impl HalfDuplex {
 
 /// Relays until both directions have finished, one side fails, nothing
 /// moves for `idle_timeout`, or (with a `watch`) the connection is recycled.
-/// `report` is given the bytes written each way (client → upstream,
-/// upstream → client) since its previous call, every `report_interval`
-/// while bytes move, and at the end.
+/// The `seed` goes to the upstream first. `report` is given the bytes
+/// written each way (client → upstream, upstream → client) since its
+/// previous call, every `report_interval` while bytes move, and at the end.
 pub fn relay<'a, C, U, R>(
     client: &'a mut C,
     upstream: &'a mut U,
     idle_timeout: Option<Duration>,
     report_interval: Duration,
-    watch: Option<Watch>,
+    mut watch: Option<Watch>,
+    seed: Option<Seed>,
     report: R,
 ) -> impl Future<Output = RelayOutcome> + 'a
 where
@@ -242,7 +258,15 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     R: FnMut(u64, u64) + 'a,
 {
-    let mut to_upstream = HalfDuplex::new();
+    let mut to_upstream = match seed {
+        Some(seed) => {
+            if let Some(watch) = &mut watch {
+                watch.read(Direction::ToUpstream, seed.bytes());
+            }
+            HalfDuplex::seeded(seed)
+        }
+        None => HalfDuplex::new(),
+    };
     let mut to_client = HalfDuplex::new();
     drive(
         idle_timeout,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 
+use super::buffers::{give_back_buffer, take_buffer, Seed, BUFFER_SIZE};
 use super::recycle::Watch;
 use super::relay::{drive, CopyError, Direction, RelayOutcome};
 use crate::net::stream::PlainSocket;
@@ -39,8 +40,7 @@ const MAX_LARGE_PIPES: usize = 128;
 /// Pipes of PIPE_CAPACITY open in the process, pooled ones included.
 static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
 
-/// Empty pipes, and buffers, kept per worker thread for the next
-/// connection with data.
+/// Empty pipes kept per worker thread for the next connection with data.
 const POOL_PER_THREAD: usize = 64;
 
 struct Pipe {
@@ -115,10 +115,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Bytes read per copy. A read that fills the whole buffer marks a bulk
-/// transfer, which the direction then splices.
-const BUFFER_SIZE: usize = 16 * 1024;
-
 /// The fewest bytes spliced at once. A `forward` watch lets the relay splice
 /// only the rest of a payload it skips; a shorter rest is copied with the
 /// framing after it, one read instead of a splice and a read.
@@ -129,25 +125,6 @@ const MIN_SPLICE: u64 = BUFFER_SIZE as u64;
 /// message, the next one's tag and entries header), so the next payload is
 /// spliced nearly whole instead of its first 16 KiB being copied.
 const FRAMING_READ: usize = 1024;
-
-thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Box<[u8]> {
-    BUFFERS
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
-}
-
-fn give_back_buffer(buffer: Box<[u8]>) {
-    BUFFERS.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
-            pool.push(buffer);
-        }
-    });
-}
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length; `fd` is open.
@@ -173,7 +150,8 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 /// one write each); once a read fills the buffer the direction carries bulk
 /// data and splices socket → pipe → socket from then on. The buffer or pipe
 /// is held only while bytes are in flight. After the reader's end of stream
-/// the writer's write half is shut down.
+/// the writer's write half is shut down, unless the close that ends the
+/// relay sends the same FIN.
 #[derive(Default)]
 struct PlainHalf {
     buffer: Option<Box<[u8]>>,
@@ -200,6 +178,7 @@ impl PlainHalf {
         progressed: &mut bool,
         direction: Direction,
         mut watch: Option<&mut Watch>,
+        to_finished_sending: bool,
     ) -> Poll<Result<(), CopyError>> {
         if direction == Direction::ToClient
             && !self.discarding
@@ -321,7 +300,14 @@ impl PlainHalf {
                 return Poll::Ready(Ok(()));
             }
             if self.read_done {
-                to.shutdown_write().map_err(CopyError::Write)?;
+                // When `to` already sent its FIN and everything before it was
+                // read, this direction finishing ends the relay and the close
+                // that follows sends the FIN: a shutdown first is one system
+                // call more for the same packets. Unread bytes would turn
+                // that close into a reset, so only end of stream counts.
+                if !to_finished_sending {
+                    to.shutdown_write().map_err(CopyError::Write)?;
+                }
                 return Poll::Ready(Ok(()));
             }
         }
@@ -382,28 +368,54 @@ impl PlainHalf {
 /// [`super::relay::relay`]: half-close, idle timeout, bounded memory, byte
 /// counts given to `report`, and recycling with a `watch`. A `forward`
 /// watch sees every byte of the framing; the payloads it skips are spliced.
+/// The `seed` goes to the upstream first.
 pub fn relay<'a>(
     client: PlainSocket<'a>,
     upstream: PlainSocket<'a>,
     idle_timeout: Option<Duration>,
     report_interval: Duration,
-    watch: Option<Watch>,
+    mut watch: Option<Watch>,
+    seed: Option<Seed>,
     report: impl FnMut(u64, u64) + 'a,
 ) -> impl Future<Output = RelayOutcome> + 'a {
     let mut to_upstream = PlainHalf::default();
     let mut to_client = PlainHalf::default();
+    if let Some(seed) = seed {
+        if let Some(watch) = &mut watch {
+            watch.read(Direction::ToUpstream, seed.bytes());
+        }
+        let Seed { buffer, len } = seed;
+        // As if the direction's first read had returned these bytes.
+        to_upstream.bulk = len == BUFFER_SIZE;
+        to_upstream.buffer = Some(buffer);
+        to_upstream.end = len;
+    }
     drive(
         idle_timeout,
         report_interval,
         watch,
         report,
         move |cx, direction, bytes, progressed, watch| match direction {
-            Direction::ToUpstream => {
-                to_upstream.poll_move(cx, client, upstream, bytes, progressed, direction, watch)
-            }
-            Direction::ToClient => {
-                to_client.poll_move(cx, upstream, client, bytes, progressed, direction, watch)
-            }
+            Direction::ToUpstream => to_upstream.poll_move(
+                cx,
+                client,
+                upstream,
+                bytes,
+                progressed,
+                direction,
+                watch,
+                to_client.read_done,
+            ),
+            Direction::ToClient => to_client.poll_move(
+                cx,
+                upstream,
+                client,
+                bytes,
+                progressed,
+                direction,
+                watch,
+                to_upstream.read_done,
+            ),
         },
     )
 }

@@ -421,6 +421,33 @@ pub async fn echo_digest<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     hasher.finalize().to_vec()
 }
 
+/// What a listener with `accept_proxy_protocol` reads first, and exactly:
+/// bytes written together with it are surely waiting in the socket by the
+/// time sluice has connected the client's peer.
+pub const PROXY_HEADER: &[u8] = b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 80\r\n";
+
+/// Sends `first` in one write with the PROXY header, then `rest` and the end
+/// of stream, reading the echo meanwhile; returns the echo's digest.
+pub async fn early_echo_digest(listen: &str, first: &[u8], rest: Vec<u8>) -> Vec<u8> {
+    let stream = TcpStream::connect(listen).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    writer
+        .write_all(&[PROXY_HEADER, first].concat())
+        .await
+        .unwrap();
+    let write = tokio::spawn(async move {
+        writer.write_all(&rest).await.unwrap();
+        writer.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut echoed))
+        .await
+        .expect("the echo did not end in time")
+        .unwrap();
+    write.await.unwrap();
+    sha256(&echoed)
+}
+
 /// One listener `front` on `listen` in front of upstream `pool` with `servers`
 /// (each a TOML table body); the extras are added to the listener and upstream tables.
 pub fn config(
