@@ -19,7 +19,7 @@ use nix::sys::signal::Signal;
 use recycling::{metric, reload, OpenCount};
 use rmpv::Value;
 use sha2::{Digest, Sha512};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SHARED_KEY: &str = "sluice-test-key";
@@ -61,7 +61,10 @@ fn digest(salt: &[u8], hostname: &str, nonce: &[u8]) -> String {
 }
 
 /// Reads the next msgpack value; `None` at a clean end of stream.
-async fn read_value(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Value>, String> {
+async fn read_value(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<Option<Value>, String> {
     loop {
         let mut cursor = &buf[..];
         match rmpv::decode::read_value(&mut cursor) {
@@ -482,6 +485,77 @@ async fn chunk_senders_move_to_a_new_aggregator_with_every_chunk_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_packed_forward_senders_move_with_every_byte_intact() {
     senders_move_to_a_new_aggregator(false, 256 * 1024).await;
+}
+
+/// PackedForward messages of mixed sizes, written back to back without
+/// waiting for acks: after each spliced payload the relay reads the short
+/// rest and the framing that follows, which may hold a whole small message
+/// or the head of the next large one. Every byte arrives, every chunk is
+/// acked in order, and the follower still knows the boundaries: the
+/// connection is recycled at its age once everything is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_packed_forward_of_mixed_sizes_keeps_every_byte_and_boundary() {
+    let a = Receiver::start(false).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let extra = "max_connection_age = \"1s\"";
+    let _sluice = Sluice::start(&forward_config(
+        &listen,
+        &admin,
+        extra,
+        &[server(&a.addr, "")],
+    ))
+    .await;
+    // Around the 16 KiB splice threshold and the 1 KiB framing read, and
+    // payloads larger than a pipe.
+    let sizes = [
+        300_000, 1, 17_000, 0, 70_000, 16_383, 16_385, 900, 40_000, 5, 16_384, 1_100,
+    ];
+    let records = 60u64;
+    let mut stream = TcpStream::connect(&listen).await.unwrap();
+    let mut burst = Vec::new();
+    for seq in 0..records {
+        let entries = sizes[seq as usize % sizes.len()];
+        burst.extend(encode(&Value::Array(vec![
+            text(&format!("bulk.0.{seq}")),
+            Value::Binary(bulk_entries(0, seq, entries)),
+            map(vec![("chunk", text(&format!("c{seq}")))]),
+        ])));
+    }
+    let (mut reader, mut writer) = stream.split();
+    let (written, acks) = tokio::join!(writer.write_all(&burst), async {
+        let mut buf = Vec::new();
+        let mut acks = Vec::new();
+        while acks.len() < records as usize {
+            match tokio::time::timeout(Duration::from_secs(10), read_value(&mut reader, &mut buf))
+                .await
+            {
+                Ok(Ok(Some(ack))) => acks.push(
+                    field(&ack, "ack")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                ),
+                other => panic!("after {} acks: {other:?}", acks.len()),
+            }
+        }
+        acks
+    });
+    written.unwrap();
+    let expected: Vec<_> = (0..records).map(|seq| Some(format!("c{seq}"))).collect();
+    assert_eq!(acks, expected, "every chunk acked, in order");
+    let mut probe = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut probe)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "recycled at its age: {closed:?}"
+    );
+    let duplicates = assert_every_record(&all_records(&[&a]), &[records]);
+    assert_eq!(duplicates, 0, "records repeated");
+    let recycled = metric(
+        &admin,
+        "sluice_connections_recycled_total{listener=\"front\",reason=\"age\"}",
+    )
+    .await;
+    assert_eq!(recycled, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
