@@ -207,6 +207,16 @@ fn bulk_entries(sender: u64, seq: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A PackedForward message `[tag "bulk.SENDER.SEQ", entries, {chunk}]`
+/// whose entries the receiver checks byte for byte.
+fn packed_forward(sender: u64, seq: u64, entries: usize, chunk: &str) -> Value {
+    Value::Array(vec![
+        text(&format!("bulk.{sender}.{seq}")),
+        Value::Binary(bulk_entries(sender, seq, entries)),
+        map(vec![("chunk", text(chunk))]),
+    ])
+}
+
 /// What one chunk sender saw.
 #[derive(Debug, Default)]
 struct SenderReport {
@@ -283,11 +293,7 @@ async fn chunk_sender(
         let chunk = format!("{sender}-{seq}-{attempt}");
         attempt += 1;
         let message = if entries > 0 {
-            Value::Array(vec![
-                text(&format!("bulk.{sender}.{seq}")),
-                Value::Binary(bulk_entries(sender, seq, entries)),
-                map(vec![("chunk", text(&chunk))]),
-            ])
+            packed_forward(sender, seq, entries, &chunk)
         } else {
             Value::Array(vec![
                 text("sluice.test.record"),
@@ -515,11 +521,7 @@ async fn pipelined_packed_forward_of_mixed_sizes_keeps_every_byte_and_boundary()
     let mut burst = Vec::new();
     for seq in 0..records {
         let entries = sizes[seq as usize % sizes.len()];
-        burst.extend(encode(&Value::Array(vec![
-            text(&format!("bulk.0.{seq}")),
-            Value::Binary(bulk_entries(0, seq, entries)),
-            map(vec![("chunk", text(&format!("c{seq}")))]),
-        ])));
+        burst.extend(encode(&packed_forward(0, seq, entries, &format!("c{seq}"))));
     }
     let (mut reader, mut writer) = stream.split();
     let (written, acks) = tokio::join!(writer.write_all(&burst), async {
