@@ -5,9 +5,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::SockRef;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, UnixStream};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
 
 use super::{PeerTarget, Stream};
 use crate::tls::{self, TlsOrigin};
@@ -92,6 +92,36 @@ pub fn send_handshake_ack(stream: &Stream) {
     }
 }
 
+/// Opens a TCP connection. tokio's own connect asks every new connection
+/// for its error (`getsockopt(SO_ERROR)`); the readiness that ends the
+/// connect already tells a refused or reset one (EPOLLERR or EPOLLHUP) from
+/// an established one, so the error is fetched only then: one system call
+/// fewer per proxied connection, with the same outcome.
+async fn connect_tcp(addr: SocketAddr, delay_handshake_ack: bool) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nodelay(true)?;
+    if delay_handshake_ack {
+        // Only an optimisation: a refusal changes nothing else.
+        let _ = socket.set_quickack(false);
+    }
+    match socket.connect(&addr.into()) {
+        Err(err) if err.raw_os_error() != Some(libc::EINPROGRESS) => return Err(err),
+        _ => {}
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        if let Some(err) = stream.take_error()? {
+            return Err(err);
+        }
+    }
+    Ok(stream)
+}
+
 fn is_local_resource_error(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
@@ -101,18 +131,7 @@ fn is_local_resource_error(err: &io::Error) -> bool {
 
 async fn connect(target: &PeerTarget, delay_handshake_ack: bool) -> io::Result<Stream> {
     match target {
-        PeerTarget::Tcp(addr) => {
-            let socket = match addr {
-                SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => TcpSocket::new_v6()?,
-            };
-            socket.set_nodelay(true)?;
-            if delay_handshake_ack {
-                // Only an optimisation: a refusal changes nothing else.
-                let _ = SockRef::from(&socket).set_quickack(false);
-            }
-            Ok(Stream::Tcp(socket.connect(*addr).await?))
-        }
+        PeerTarget::Tcp(addr) => Ok(Stream::Tcp(connect_tcp(*addr, delay_handshake_ack).await?)),
         PeerTarget::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
     }
 }
