@@ -2,7 +2,7 @@
 //! messages through them, and the bytes a client sent before its peer was
 //! connected are read into one (a [`Seed`]).
 
-use std::cell::RefCell;
+use crate::buffer_pool::BufferPool;
 
 /// Bytes read per copy. A read that fills the whole buffer marks a bulk
 /// transfer, which the splice relay then splices.
@@ -12,22 +12,15 @@ pub(super) const BUFFER_SIZE: usize = 16 * 1024;
 const POOL_PER_THREAD: usize = 64;
 
 thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: BufferPool = const { BufferPool::new(BUFFER_SIZE, POOL_PER_THREAD) };
 }
 
 pub(super) fn take_buffer() -> Box<[u8]> {
-    BUFFERS
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+    BUFFERS.with(BufferPool::take)
 }
 
 pub(super) fn give_back_buffer(buffer: Box<[u8]>) {
-    BUFFERS.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
-            pool.push(buffer);
-        }
-    });
+    BUFFERS.with(|pool| pool.give_back(buffer));
 }
 
 /// What the client had sent when sluice looked, before connecting its

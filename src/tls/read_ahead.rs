@@ -8,12 +8,13 @@
 //! holds none. Writes pass straight through, vectored, so several records
 //! rustls has ready go out in one system call.
 
-use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::buffer_pool::BufferPool;
 
 /// Bytes read from the socket at once: four full TLS records.
 const READ_AHEAD: usize = 64 * 1024;
@@ -24,21 +25,15 @@ const READ_AHEAD: usize = 64 * 1024;
 const POOL_PER_THREAD: usize = 16;
 
 thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static POOL: BufferPool = const { BufferPool::new(READ_AHEAD, POOL_PER_THREAD) };
 }
 
 fn take_buffer() -> Box<[u8]> {
-    POOL.with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; READ_AHEAD].into_boxed_slice())
+    POOL.with(BufferPool::take)
 }
 
 fn give_back(buffer: Box<[u8]>) {
-    POOL.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
-            pool.push(buffer);
-        }
-    });
+    POOL.with(|pool| pool.give_back(buffer));
 }
 
 pub struct ReadAhead<S> {
@@ -210,12 +205,12 @@ mod tests {
         .await;
         assert!(polled, "nothing was sent yet");
         assert!(reader.buf.is_none(), "a waiting reader holds no buffer");
-        let pooled = POOL.with(|pool| pool.borrow().last().map(|buffer| buffer.as_ptr()));
+        let pooled = POOL.with(BufferPool::next_taken);
         assert!(pooled.is_some(), "the buffer went back to the pool");
         writer.write_all(b"hello").await.expect("write");
         assert_eq!(reader.read(&mut chunk).await.expect("read"), 5);
         assert_eq!(&chunk[..5], b"hello");
-        let again = POOL.with(|pool| pool.borrow().last().map(|buffer| buffer.as_ptr()));
+        let again = POOL.with(BufferPool::next_taken);
         assert_eq!(
             again, pooled,
             "the same buffer served the read and came back"
