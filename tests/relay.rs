@@ -433,3 +433,72 @@ async fn a_client_turned_away_after_speaking_is_reset() {
         assert!(heard.is_empty());
     }
 }
+
+/// Issue 19: a reply whose FIN has arrived with it is read to its end of
+/// stream before it is written, so the reply and the FIN reach the client in
+/// one segment: the client receives the SYN-ACK and that segment, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_and_its_end_reach_the_client_in_one_segment() {
+    let reply = b"greeting from a server that speaks first";
+    let (backend_addr, served) = one_segment_backend(0, reply, 1);
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(&listen, "", "", &[server(&backend_addr, "")])).await;
+    assert_eq!(exchange(&listen, b"").await, (reply.to_vec(), 2));
+    served.await.unwrap();
+}
+
+/// Issue 19: `delayed_ack` (on by default) lets the ACK of a client's request
+/// ride on the reply; off, the client gets it as a segment of its own, as
+/// from nginx. Either way the bytes are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_of_a_request_rides_on_the_reply_unless_delayed_ack_is_off() {
+    for (extra, segments) in [("", 2), ("delayed_ack = false", 3)] {
+        let (backend_addr, served) = one_segment_backend(7, b"VERSION 1.6\r\n", 1);
+        let listen = free_addr();
+        let _sluice =
+            Sluice::start(&config(&listen, extra, "", &[server(&backend_addr, "")])).await;
+        assert_eq!(
+            exchange(&listen, b"version").await,
+            (b"VERSION 1.6\r\n".to_vec(), segments),
+            "with {extra:?}"
+        );
+        served.await.unwrap();
+    }
+}
+
+/// A reply cut short by a reset: the relay may read the reset together with
+/// the bytes before it (reading ahead for the end of stream); the bytes still
+/// reach the client first, then the client is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_before_a_reset_from_the_backend_reach_the_client() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let listen = free_addr();
+    let sluice = Sluice::start(&config(&listen, "", "", &[server(backend_addr, "")])).await;
+    for round in 0..20 {
+        let mut client = TcpStream::connect(&listen).await.unwrap();
+        let accepted = tokio::task::spawn_blocking({
+            let backend = backend.try_clone().unwrap();
+            move || backend.accept().unwrap().0
+        });
+        let accepted = accepted.await.unwrap();
+        socket2::SockRef::from(&accepted)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        std::io::Write::write_all(&mut &accepted, b"partial reply").unwrap();
+        // Linger 0: the close right after the bytes sends a reset, not a FIN.
+        drop(accepted);
+        let mut heard = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut heard))
+            .await
+            .expect("the client was not closed");
+        assert!(end.is_ok(), "round {round}: {end:?}");
+        assert_eq!(heard, b"partial reply", "round {round}");
+    }
+    assert!(
+        sluice
+            .wait_for_log("Connection reset", Duration::from_secs(5))
+            .await,
+        "the reset is reported"
+    );
+}

@@ -446,3 +446,26 @@ async fn a_reload_stops_the_background_tasks_of_the_old_group() {
     echo_once(&listen, b"still relayed").await;
     backend.finish().await;
 }
+
+/// `delayed_ack` changes on reload for the socket the listener keeps: off,
+/// the client gets the ACK of its request as a segment of its own; back on,
+/// it rides on the reply (SYN-ACK and the reply with its FIN: two segments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_ack_follows_a_reload() {
+    let (backend_addr, served) = one_segment_backend(4, b"pong", 3);
+    let listen = free_addr();
+    let servers = [server(&backend_addr, "")];
+    let sluice = Sluice::start(&config(&listen, "delayed_ack = false", "", &servers)).await;
+    assert_eq!(exchange(&listen, b"ping").await, (b"pong".to_vec(), 3));
+    let outcome = reload(&sluice, &config(&listen, "", "", &servers)).await;
+    assert!(outcome.contains("configuration reloaded"), "{outcome}");
+    assert_eq!(exchange(&listen, b"ping").await, (b"pong".to_vec(), 2));
+    let outcome = reload(
+        &sluice,
+        &config(&listen, "delayed_ack = false", "", &servers),
+    )
+    .await;
+    assert!(outcome.contains("configuration reloaded"), "{outcome}");
+    assert_eq!(exchange(&listen, b"ping").await, (b"pong".to_vec(), 3));
+    served.await.unwrap();
+}

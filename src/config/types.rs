@@ -66,6 +66,9 @@ pub struct ListenerConfig {
     pub tls_lines: FileLines,
     /// One access-log line per client connection at its close.
     pub access_log: bool,
+    /// The ACK of a client's first bytes waits for the reply to carry it
+    /// (TCP listeners, Linux).
+    pub delayed_ack: bool,
     /// Recycling and rebalancing long-lived connections (SPEC §9).
     pub recycle: RecycleConfig,
 }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Address, Config, ListenerConfig, UpstreamConfig, ValueError};
 use crate::net::listen::{
@@ -374,6 +374,11 @@ impl Supervisor {
                 // prepare() plans Keep only for running listeners.
                 (ListenerPlan::Keep, None) => continue,
             };
+            // Set on every load: a socket kept or taken over may have been
+            // set the other way by the listener that held it.
+            if let Err(err) = running.socket.set_delayed_ack(listener.delayed_ack) {
+                warn!(listener = listener.name.as_str(), reason = %err, "delayed_ack could not be set; the kernel's default stays");
+            }
             self.listeners.insert(listener.name, running);
         }
         // Listeners no longer configured stop accepting; their open

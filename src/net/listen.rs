@@ -164,6 +164,25 @@ impl BoundSocket {
         }
     }
 
+    /// `delayed_ack` (docs/SPEC.md): on Linux, a listening socket that
+    /// leaves quick-ACK mode (TCP_QUICKACK off, set after `listen`, which
+    /// resets it) passes that to every socket it accepts, so the ACK of a
+    /// client's first bytes waits to ride on the reply instead of being a
+    /// segment of its own, at no system call per client. The kernel sends it
+    /// alone after its delayed-ACK time (40 ms at least) if no reply comes
+    /// first. UNIX sockets have no ACKs.
+    pub fn set_delayed_ack(&self, delayed: bool) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            BoundSocket::Tcp(sockets) => sockets
+                .iter()
+                .try_for_each(|socket| socket2::SockRef::from(socket).set_quickack(!delayed)),
+            #[cfg(not(target_os = "linux"))]
+            BoundSocket::Tcp(_) => Ok(()),
+            BoundSocket::Unix(..) => Ok(()),
+        }
+    }
+
     pub fn local_addr(&self) -> String {
         match self {
             BoundSocket::Tcp(sockets) => match sockets.first().map(|socket| socket.local_addr()) {
@@ -395,6 +414,35 @@ mod tests {
             }
         }
         assert_eq!(accepted, clients.len());
+    }
+
+    /// `delayed_ack`: accepted sockets take the listening socket's
+    /// quick-ACK mode, both ways, with no call on the accepted socket.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_clients_take_the_listening_sockets_ack_mode() {
+        let address = Address::Inet {
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        let socket = bind("test", &address, 0o600, 1).await.expect("bound");
+        let acceptor = socket.acceptor(0).expect("registered");
+        let addr = match &socket {
+            BoundSocket::Tcp(sockets) => sockets[0].local_addr().expect("an address"),
+            BoundSocket::Unix(..) => panic!("a TCP address binds TCP sockets"),
+        };
+        for delayed in [true, false, true] {
+            socket.set_delayed_ack(delayed).expect("set");
+            let _client = std::net::TcpStream::connect(addr).expect("connected");
+            let accepted = tokio::time::timeout(Duration::from_secs(5), acceptor.accept()).await;
+            let Ok(Ok((Stream::Tcp(stream), _))) = accepted else {
+                panic!("no client accepted");
+            };
+            let quick = socket2::SockRef::from(&stream)
+                .quickack()
+                .expect("readable option");
+            assert_eq!(quick, !delayed, "delayed_ack = {delayed}");
+        }
     }
 
     #[test]

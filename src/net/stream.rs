@@ -1,10 +1,11 @@
 //! One type for every kind of byte stream sluice relays, so the relay and the
 //! connect logic are written once.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
 use socket2::SockRef;
@@ -108,6 +109,25 @@ impl PlainSocket<'_> {
             (PlainSocket::Unix(stream), true) => stream.poll_read_ready(cx),
             (PlainSocket::Unix(stream), false) => stream.poll_write_ready(cx),
         }
+    }
+
+    /// Whether the peer has finished sending: its FIN (or a reset) has
+    /// arrived, so a read after the queued bytes ends the stream at once.
+    /// Asked while the socket is ready to read (right after a read), it
+    /// returns at once, without waiting or a system call: it reads the
+    /// closed bit of the runtime's readiness that `poll_read_ready` hides.
+    pub fn peer_finished(&self, cx: &mut Context<'_>) -> bool {
+        let readiness = match self {
+            PlainSocket::Tcp(stream) => pin!(stream.ready(Interest::READABLE)).poll(cx),
+            PlainSocket::Unix(stream) => pin!(stream.ready(Interest::READABLE)).poll(cx),
+        };
+        matches!(readiness, Poll::Ready(Ok(ready)) if ready.is_read_closed())
+    }
+
+    /// Whether a send may hold a short tail back for the FIN that follows
+    /// it (TCP's MSG_MORE; a UNIX socket has no segments to merge).
+    pub fn merges_fin(&self) -> bool {
+        matches!(self, PlainSocket::Tcp(_))
     }
 
     /// Runs a non-blocking operation on the socket; a `WouldBlock` from it

@@ -120,6 +120,12 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// framing after it, one read instead of a splice and a read.
 const MIN_SPLICE: u64 = BUFFER_SIZE as u64;
 
+/// Short reads of a direction after which it no longer asks whether the
+/// peer finished sending. The FIN that can ride with the last bytes matters
+/// to short connections, which end within a few reads; asking costs a lock
+/// in the runtime, which a long-lived connection would pay on every read.
+const PEER_FINISHED_READS: u8 = 8;
+
 /// What a `forward` direction reads after a splice, beyond the short rest of
 /// the payload: enough for the framing between two payloads (the rest of a
 /// message, the next one's tag and entries header), so the next payload is
@@ -136,9 +142,16 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+/// `fin_follows`: these are the last bytes and the FIN comes right after
+/// them, so a short tail may wait for it and leave in the same segment.
+fn send(fd: RawFd, buf: &[u8], fin_follows: bool) -> io::Result<usize> {
+    let flags = if fin_follows {
+        libc::MSG_NOSIGNAL | libc::MSG_MORE
+    } else {
+        libc::MSG_NOSIGNAL
+    };
     // SAFETY: `buf` is valid for reads of its length; `fd` is open.
-    let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
     if sent < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -163,6 +176,11 @@ struct PlainHalf {
     /// The last read was a splice that ended at the watch's unseen run.
     after_splice: bool,
     read_done: bool,
+    /// Reads that emptied the socket's queue so far, up to u8::MAX.
+    short_reads: u8,
+    /// A read error met while reading ahead for the end of stream, due once
+    /// the bytes read before it are written.
+    read_error: Option<io::Error>,
     /// Recycling: the client's side is shut; bytes read are dropped.
     discarding: bool,
 }
@@ -201,6 +219,9 @@ impl PlainHalf {
         }
         loop {
             if self.start == self.end && self.in_pipe == 0 && !self.read_done {
+                if let Some(err) = self.read_error.take() {
+                    return Poll::Ready(Err(CopyError::Read(err)));
+                }
                 ready!(from.poll_ready(cx, Interest::READABLE)).map_err(CopyError::Read)?;
                 // Bulk data is spliced as far as the watch need not see it:
                 // all of it when opaque, a skipped payload's rest for forward.
@@ -218,9 +239,10 @@ impl PlainHalf {
                 } else if std::mem::take(&mut self.after_splice) {
                     // The short rest of the payload, and the framing after it.
                     let rest = usize::try_from(unseen).unwrap_or(BUFFER_SIZE);
-                    self.read_in(from, rest.saturating_add(FRAMING_READ).min(BUFFER_SIZE))
+                    let limit = rest.saturating_add(FRAMING_READ).min(BUFFER_SIZE);
+                    self.read_in(cx, from, limit)
                 } else {
-                    self.read_in(from, BUFFER_SIZE)
+                    self.read_in(cx, from, BUFFER_SIZE)
                 };
                 match moved {
                     Ok(Some(0)) => self.read_done = true,
@@ -249,7 +271,10 @@ impl PlainHalf {
                     break;
                 };
                 let pending = &buffer[self.start..self.end];
-                match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), pending)) {
+                let fin_follows = self.read_done && to.merges_fin();
+                match to.try_io(Interest::WRITABLE, || {
+                    send(to.as_raw_fd(), pending, fin_follows)
+                }) {
                     Ok(0) => {
                         return Poll::Ready(Err(CopyError::Write(io::ErrorKind::WriteZero.into())))
                     }
@@ -314,13 +339,36 @@ impl PlainHalf {
     }
 
     /// Reads into the buffer: `Some(0)` at end of stream, `None` when the
-    /// readiness was stale.
-    fn read_in(&mut self, from: PlainSocket<'_>, limit: usize) -> io::Result<Option<usize>> {
+    /// readiness was stale. When the peer has finished sending, a short
+    /// read is followed at once by the read of its end of stream, so that
+    /// the bytes and the FIN can leave together (one segment, not two);
+    /// asked in the first PEER_FINISHED_READS reads only.
+    fn read_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: PlainSocket<'_>,
+        limit: usize,
+    ) -> io::Result<Option<usize>> {
         let buffer = &mut self.buffer.get_or_insert_with(take_buffer)[..limit];
+        let short_reads = &mut self.short_reads;
         let mut short_read = None;
+        let mut after = None;
         let result = from.try_io(Interest::READABLE, || {
-            let read = recv(from.as_raw_fd(), buffer)?;
+            let mut read = recv(from.as_raw_fd(), buffer)?;
             if read > 0 && read < buffer.len() {
+                let asked = *short_reads < PEER_FINISHED_READS;
+                *short_reads = short_reads.saturating_add(1);
+                if asked && from.peer_finished(cx) {
+                    // The same call the next pass would make, made now.
+                    match recv(from.as_raw_fd(), &mut buffer[read..]) {
+                        Ok(more) => {
+                            read += more;
+                            after = Some(Ok(more));
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => after = Some(Err(err)),
+                    }
+                }
                 // A stream socket returns less than asked only once its
                 // queue is empty: report WouldBlock so the readiness is
                 // cleared now instead of by one more read failing with
@@ -330,6 +378,11 @@ impl PlainHalf {
             }
             Ok(read)
         });
+        match after {
+            Some(Ok(0)) => self.read_done = true,
+            Some(Err(err)) => self.read_error = Some(err),
+            Some(Ok(_)) | None => {}
+        }
         let read = match (result, short_read) {
             (_, Some(read)) => read,
             (Ok(read), None) => read,

@@ -470,3 +470,81 @@ pub fn config(
 pub fn server(addr: impl std::fmt::Display, extra: &str) -> String {
     format!("address = \"{addr}\"\n{extra}")
 }
+
+/// Segments this socket has received, handshake included (`tcpi_segs_in`
+/// of Linux's `struct tcp_info`, at byte 140 since Linux 4.2).
+pub fn segments_received(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is valid for writes of `len` bytes; the descriptor is open.
+    let status = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(status, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    assert!(len >= 144, "this kernel's tcp_info has no tcpi_segs_in");
+    u32::from_ne_bytes(info[140..144].try_into().unwrap())
+}
+
+/// A backend for `connections` clients, one after the other: each time it
+/// reads `request_len` bytes, then sends `reply` and its FIN in one segment
+/// (MSG_MORE holds the bytes for the FIN) and expects a clean end of stream
+/// with nothing more.
+pub fn one_segment_backend(
+    request_len: usize,
+    reply: &'static [u8],
+    connections: usize,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let served = tokio::task::spawn_blocking(move || {
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut request = vec![0; request_len];
+            stream.read_exact(&mut request).unwrap();
+            // SAFETY: `reply` is valid for reads of its length; the descriptor is open.
+            let sent = unsafe {
+                libc::send(
+                    stream.as_raw_fd(),
+                    reply.as_ptr().cast(),
+                    reply.len(),
+                    libc::MSG_MORE,
+                )
+            };
+            assert_eq!(sent, reply.len() as isize);
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+            assert!(
+                rest.is_empty(),
+                "the backend heard {rest:?} after its reply"
+            );
+        }
+    });
+    (addr, served)
+}
+
+/// Sends `request` on a new connection to `listen` and reads to the end:
+/// the reply, and the segments the client received on that connection.
+pub async fn exchange(listen: &str, request: &[u8]) -> (Vec<u8>, u32) {
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .expect("the reply did not end in time")
+        .unwrap();
+    let segments = segments_received(&stream);
+    (reply, segments)
+}

@@ -40,6 +40,7 @@ impl Config {
             tls: None,
             tls_lines: FileLines::default(),
             access_log: true,
+            delayed_ack: true,
             proxy_protocol: ProxyProtocol::Off,
             accept_proxy_protocol: false,
             recycle: super::RecycleConfig::default(),

@@ -47,6 +47,8 @@ pub(super) struct RawListener {
     pub accept_proxy_protocol: bool,
     #[serde(default = "defaults::yes")]
     pub access_log: bool,
+    #[serde(default = "defaults::yes")]
+    pub delayed_ack: bool,
     pub tls: Option<RawListenerTls>,
     // SPEC §9, checked in recycle.rs.
     #[serde(default)]

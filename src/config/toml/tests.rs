@@ -49,6 +49,21 @@ fn defaults_match_the_contract() {
     assert_eq!(config.upstreams["u"].balance, Balance::RoundRobin);
     assert_eq!(config.admin, None);
     assert!(listener.access_log);
+    assert!(listener.delayed_ack);
+}
+
+#[test]
+fn delayed_ack_is_a_boolean() {
+    let with = |extra: &str| {
+        parse(&MINIMAL.replace("upstream = \"u\"", &format!("upstream = \"u\"\n{extra}")))
+    };
+    let config = with("delayed_ack = false").unwrap();
+    assert!(!config.listeners[0].delayed_ack);
+    for value in ["\"no\"", "0", "\"off\""] {
+        let err = with(&format!("delayed_ack = {value}")).unwrap_err();
+        assert_eq!(err.line, Some(6), "{value}: {err}");
+        assert!(err.message.contains("delayed_ack"), "{value}: {err}");
+    }
 }
 
 #[test]

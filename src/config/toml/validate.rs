@@ -169,6 +169,7 @@ impl Source<'_> {
                 tls,
                 tls_lines,
                 access_log: raw.access_log,
+                delayed_ack: raw.delayed_ack,
                 recycle,
             },
         })
