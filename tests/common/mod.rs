@@ -1,6 +1,7 @@
 //! Test harness: the real sluice binary, real loopback backends.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,10 +17,19 @@ use tokio::task::JoinSet;
 
 pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1 and that this process
+/// has not handed out before: two binds in a row may be given the same free
+/// port, and two listeners of one test would then collide.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..1000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+    panic!("1,000 binds gave only ports handed out before");
 }
 
 pub fn free_addr() -> String {
