@@ -440,11 +440,12 @@ async fn a_client_turned_away_after_speaking_is_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_and_its_end_reach_the_client_in_one_segment() {
     let reply = b"greeting from a server that speaks first";
-    let (backend_addr, served) = one_segment_backend(0, reply, 1);
+    let backend_addr = one_segment_backend(0, reply).await;
     let listen = free_addr();
     let _sluice = Sluice::start(&config(&listen, "", "", &[server(&backend_addr, "")])).await;
-    assert_eq!(exchange(&listen, b"").await, (reply.to_vec(), 2));
-    served.await.unwrap();
+    let (heard, segments, _) = exchange_segments(&listen, b"").await;
+    assert_eq!(heard, reply);
+    assert_eq!(segments, 2);
 }
 
 /// Issue 19: `delayed_ack` (on by default) lets the ACK of a client's request
@@ -452,18 +453,14 @@ async fn a_reply_and_its_end_reach_the_client_in_one_segment() {
 /// from nginx. Either way the bytes are the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ack_of_a_request_rides_on_the_reply_unless_delayed_ack_is_off() {
-    for (extra, segments) in [("", 2), ("delayed_ack = false", 3)] {
-        let (backend_addr, served) = one_segment_backend(7, b"VERSION 1.6\r\n", 1);
-        let listen = free_addr();
-        let _sluice =
-            Sluice::start(&config(&listen, extra, "", &[server(&backend_addr, "")])).await;
-        assert_eq!(
-            exchange(&listen, b"version").await,
-            (b"VERSION 1.6\r\n".to_vec(), segments),
-            "with {extra:?}"
-        );
-        served.await.unwrap();
-    }
+    let backend_addr = one_segment_backend(7, b"VERSION 1.6\r\n").await;
+    let servers = [server(&backend_addr, "")];
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(&listen, "", "", &servers)).await;
+    assert_ack_rides_on_reply(&listen, b"version", b"VERSION 1.6\r\n").await;
+    let listen = free_addr();
+    let _sluice = Sluice::start(&config(&listen, "delayed_ack = false", "", &servers)).await;
+    assert_ack_goes_alone(&listen, b"version", b"VERSION 1.6\r\n").await;
 }
 
 /// A reply cut short by a reset: the relay may read the reset together with

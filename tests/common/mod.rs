@@ -502,59 +502,81 @@ pub fn segments_received(stream: &TcpStream) -> u32 {
     u32::from_ne_bytes(info[140..144].try_into().unwrap())
 }
 
-/// A backend for `connections` clients, one after the other: each time it
-/// reads `request_len` bytes, then sends `reply` and its FIN in one segment
-/// (MSG_MORE holds the bytes for the FIN) and expects a clean end of stream
-/// with nothing more.
-pub fn one_segment_backend(
-    request_len: usize,
-    reply: &'static [u8],
-    connections: usize,
-) -> (String, tokio::task::JoinHandle<()>) {
-    use std::io::Read;
+/// A backend that, for each client, reads `request_len` bytes, then sends
+/// `reply` and its FIN in one segment (MSG_MORE holds the bytes for the
+/// FIN). Its tasks end with the test's runtime.
+pub async fn one_segment_backend(request_len: usize, reply: &'static [u8]) -> String {
     use std::os::fd::AsRawFd;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let served = tokio::task::spawn_blocking(move || {
-        for _ in 0..connections {
-            let (mut stream, _) = listener.accept().unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let mut request = vec![0; request_len];
-            stream.read_exact(&mut request).unwrap();
-            // SAFETY: `reply` is valid for reads of its length; the descriptor is open.
-            let sent = unsafe {
-                libc::send(
-                    stream.as_raw_fd(),
-                    reply.as_ptr().cast(),
-                    reply.len(),
-                    libc::MSG_MORE,
-                )
-            };
-            assert_eq!(sent, reply.len() as isize);
-            stream.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest).unwrap();
-            assert!(
-                rest.is_empty(),
-                "the backend heard {rest:?} after its reply"
-            );
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0; request_len];
+                stream.read_exact(&mut request).await?;
+                stream.writable().await?;
+                stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    // SAFETY: `reply` is valid for reads of its length; the descriptor is open.
+                    let sent = unsafe {
+                        libc::send(
+                            stream.as_raw_fd(),
+                            reply.as_ptr().cast(),
+                            reply.len(),
+                            libc::MSG_MORE,
+                        )
+                    };
+                    match usize::try_from(sent) {
+                        Ok(sent) if sent == reply.len() => Ok(()),
+                        Ok(_) => Err(std::io::ErrorKind::WriteZero.into()),
+                        Err(_) => Err(std::io::Error::last_os_error()),
+                    }
+                })?;
+                stream.shutdown().await?;
+                stream.read_to_end(&mut Vec::new()).await
+            });
         }
     });
-    (addr, served)
+    addr
 }
 
 /// Sends `request` on a new connection to `listen` and reads to the end:
-/// the reply, and the segments the client received on that connection.
-pub async fn exchange(listen: &str, request: &[u8]) -> (Vec<u8>, u32) {
+/// the reply, the segments the client received on that connection, and the
+/// time from the request written to the reply's end.
+pub async fn exchange_segments(listen: &str, request: &[u8]) -> (Vec<u8>, u32, Duration) {
     let mut stream = TcpStream::connect(listen).await.unwrap();
     stream.write_all(request).await.unwrap();
+    let asked = Instant::now();
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
         .await
         .expect("the reply did not end in time")
         .unwrap();
+    let took = asked.elapsed();
     let segments = segments_received(&stream);
-    (reply, segments)
+    (reply, segments, took)
+}
+
+/// `delayed_ack` on: the ACK of the request rides on the reply, so the
+/// client receives two segments (SYN-ACK; the reply with its FIN and the
+/// ACK). The kernel sends the ACK alone once its delayed-ACK time (40 ms)
+/// passes without a reply; an exchange that took 30 ms or more on a busy
+/// machine may have seen that, so it is tried again, up to 10 times.
+pub async fn assert_ack_rides_on_reply(listen: &str, request: &[u8], reply: &[u8]) {
+    for _ in 0..10 {
+        let (heard, segments, took) = exchange_segments(listen, request).await;
+        assert_eq!(heard, reply);
+        if took < Duration::from_millis(30) {
+            assert_eq!(segments, 2, "the ACK went alone in an exchange of {took:?}");
+            return;
+        }
+    }
+    panic!("10 exchanges each took 30 ms or more: the delayed ACK cannot be told apart");
+}
+
+/// `delayed_ack` off: the client gets the ACK of its request at once, a
+/// segment of its own (three in all).
+pub async fn assert_ack_goes_alone(listen: &str, request: &[u8], reply: &[u8]) {
+    let (heard, segments, _) = exchange_segments(listen, request).await;
+    assert_eq!(heard, reply);
+    assert_eq!(segments, 3);
 }
