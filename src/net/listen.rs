@@ -377,20 +377,28 @@ impl Drop for ActiveClient {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn accepted_clients_have_nodelay_from_the_listening_socket() {
-        // Port 0: the probe bind picks a free port, which both sockets share.
+    /// `workers` TCP sockets on one free loopback port, and that address.
+    async fn loopback_sockets(workers: usize) -> (BoundSocket, SocketAddr) {
+        // Port 0: the probe bind picks a free port, which every socket shares.
         let address = Address::Inet {
             host: "127.0.0.1".into(),
             port: 0,
         };
-        let socket = bind("test", &address, 0o600, 2).await.expect("bound");
+        let socket = bind("test", &address, 0o600, workers).await.expect("bound");
         let BoundSocket::Tcp(sockets) = &socket else {
             panic!("a TCP address binds TCP sockets");
         };
-        assert_eq!(sockets.len(), 2);
+        assert_eq!(sockets.len(), workers);
         let addr = sockets[0].local_addr().expect("an address");
-        assert_eq!(sockets[1].local_addr().expect("an address"), addr);
+        for socket in sockets {
+            assert_eq!(socket.local_addr().expect("an address"), addr);
+        }
+        (socket, addr)
+    }
+
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_from_the_listening_socket() {
+        let (socket, addr) = loopback_sockets(2).await;
         let clients: Vec<_> = (0..8)
             .map(|_| std::net::TcpStream::connect(addr).expect("connected"))
             .collect();
@@ -421,16 +429,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_clients_take_the_listening_sockets_ack_mode() {
-        let address = Address::Inet {
-            host: "127.0.0.1".into(),
-            port: 0,
-        };
-        let socket = bind("test", &address, 0o600, 1).await.expect("bound");
+        let (socket, addr) = loopback_sockets(1).await;
         let acceptor = socket.acceptor(0).expect("registered");
-        let addr = match &socket {
-            BoundSocket::Tcp(sockets) => sockets[0].local_addr().expect("an address"),
-            BoundSocket::Unix(..) => panic!("a TCP address binds TCP sockets"),
-        };
         for delayed in [true, false, true] {
             socket.set_delayed_ack(delayed).expect("set");
             let _client = std::net::TcpStream::connect(addr).expect("connected");
