@@ -158,22 +158,38 @@ async fn idle_timeout_closes_a_silent_connection_but_not_a_busy_one() {
     backend.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_from_the_backend_closes_the_client() {
+/// Sluice in front of a backend the test drives by hand: the backend's
+/// listening socket, sluice's address, and sluice.
+async fn sluice_before_a_manual_backend() -> (std::net::TcpListener, String, Sluice) {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let backend_addr = backend.local_addr().unwrap();
     let listen = free_addr();
-    let _sluice = Sluice::start(&config(&listen, "", "", &[server(backend_addr, "")])).await;
-    let mut client = TcpStream::connect(&listen).await.unwrap();
-    client.write_all(b"hello").await.unwrap();
-    let (accepted, _) = tokio::task::spawn_blocking(move || backend.accept().unwrap())
+    let sluice = Sluice::start(&config(&listen, "", "", &[server(backend_addr, "")])).await;
+    (backend, listen, sluice)
+}
+
+/// The next connection sluice opens to `backend`.
+async fn accept_from(backend: &std::net::TcpListener) -> std::net::TcpStream {
+    let backend = backend.try_clone().unwrap();
+    tokio::task::spawn_blocking(move || backend.accept().unwrap().0)
         .await
-        .unwrap();
-    // Linger 0: close sends RST instead of FIN.
-    socket2::SockRef::from(&accepted)
+        .unwrap()
+}
+
+/// Writes `bytes`, then closes with a reset instead of a FIN (linger 0).
+fn reset_after(stream: std::net::TcpStream, bytes: &[u8]) {
+    socket2::SockRef::from(&stream)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
-    drop(accepted);
+    std::io::Write::write_all(&mut &stream, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_from_the_backend_closes_the_client() {
+    let (backend, listen, _sluice) = sluice_before_a_manual_backend().await;
+    let mut client = TcpStream::connect(&listen).await.unwrap();
+    client.write_all(b"hello").await.unwrap();
+    reset_after(accept_from(&backend).await, b"");
     // Closed (FIN or reset) within the timeout, with no byte written to the client.
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
@@ -468,23 +484,10 @@ async fn the_ack_of_a_request_rides_on_the_reply_unless_delayed_ack_is_off() {
 /// reach the client first, then the client is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_before_a_reset_from_the_backend_reach_the_client() {
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let listen = free_addr();
-    let sluice = Sluice::start(&config(&listen, "", "", &[server(backend_addr, "")])).await;
+    let (backend, listen, sluice) = sluice_before_a_manual_backend().await;
     for round in 0..20 {
         let mut client = TcpStream::connect(&listen).await.unwrap();
-        let accepted = tokio::task::spawn_blocking({
-            let backend = backend.try_clone().unwrap();
-            move || backend.accept().unwrap().0
-        });
-        let accepted = accepted.await.unwrap();
-        socket2::SockRef::from(&accepted)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        std::io::Write::write_all(&mut &accepted, b"partial reply").unwrap();
-        // Linger 0: the close right after the bytes sends a reset, not a FIN.
-        drop(accepted);
+        reset_after(accept_from(&backend).await, b"partial reply");
         let mut heard = Vec::new();
         let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut heard))
             .await
