@@ -588,7 +588,7 @@ async fn remove(
     let removal = tokio::spawn(async move {
         let peers: Vec<(
             Arc<crate::balancer::PeerHealth>,
-            tokio_util::sync::CancellationToken,
+            crate::upstream::force_close::ForceClose,
         )> = shared
             .load()
             .peers
@@ -598,7 +598,7 @@ async fn remove(
             .collect();
         if force {
             for (_, close) in &peers {
-                close.cancel();
+                close.close();
             }
         }
         while peers.iter().any(|(health, _)| health.active() > 0) {

@@ -50,6 +50,9 @@ pub struct ListenerContext {
     /// The listener's open connections that may be recycled (SPEC §9). A
     /// reload keeps the running listener's registry in its new context.
     pub recycling: Arc<Registry>,
+    /// The listener's series of connection durations, looked up once per
+    /// load instead of once per connection.
+    connection_duration: metrics::Histogram,
 }
 
 impl ListenerContext {
@@ -67,7 +70,12 @@ impl ListenerContext {
             None => None,
         };
         let handshake_errors = tls.as_ref().map(|_| HandshakeErrors::new(&config.name));
+        let connection_duration = metrics::histogram!(
+            crate::metrics::names::CONNECTION_DURATION,
+            "listener" => config.name.clone()
+        );
         Ok(ListenerContext {
+            connection_duration,
             config,
             upstream,
             tls,
@@ -129,24 +137,25 @@ pub async fn serve_connection(
     // What was relayed so far, for the access line of a connection closed
     // through the runtime API.
     let (total_sent, total_received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let outcome = tokio::select! {
-        outcome = relay_streams(
-            &mut client,
-            &mut upstream_stream,
-            context.config.idle_timeout,
-            report_interval,
-            watch,
-            sent_early,
-            |sent, received| {
-                peer.stats.relayed(sent, received);
-                total_sent.fetch_add(sent, Ordering::Relaxed);
-                total_received.fetch_add(received, Ordering::Relaxed);
-                if let Some(interim) = &mut interim {
-                    interim.relayed(sent, received, &access, &peer.label);
-                }
-            },
-        ) => outcome,
-        () = peer.close.cancelled() => RelayOutcome {
+    let relay = relay_streams(
+        &mut client,
+        &mut upstream_stream,
+        context.config.idle_timeout,
+        report_interval,
+        watch,
+        sent_early,
+        |sent, received| {
+            peer.stats.relayed(sent, received);
+            total_sent.fetch_add(sent, Ordering::Relaxed);
+            total_received.fetch_add(received, Ordering::Relaxed);
+            if let Some(interim) = &mut interim {
+                interim.relayed(sent, received, &access, &peer.label);
+            }
+        },
+    );
+    let outcome = match peer.close.guard(relay).await {
+        Some(outcome) => outcome,
+        None => RelayOutcome {
             sent: total_sent.load(Ordering::Relaxed),
             received: total_received.load(Ordering::Relaxed),
             end: RelayEnd::Error(
@@ -159,7 +168,8 @@ pub async fn serve_connection(
     drop(registration);
     drop(lease);
     let listener = context.config.name.as_str();
-    metrics::histogram!(crate::metrics::names::CONNECTION_DURATION, "listener" => listener.to_owned())
+    context
+        .connection_duration
         .record(accepted.elapsed().as_secs_f64());
     let upstream = group.name.as_str();
     let peer = peer.label.as_str();

@@ -3,6 +3,7 @@
 //! (health checks, DNS re-resolution).
 
 pub mod agent_check;
+pub mod force_close;
 pub mod health_check;
 pub mod queue;
 pub mod resolve;
@@ -23,10 +24,10 @@ use crate::balancer::{
 use crate::config::{Address, Balance, ConfigError, HashRing, ServerConfig, UpstreamConfig};
 use crate::net::PeerTarget;
 use crate::tls::{self, TlsOrigin};
+use force_close::ForceClose;
 use runtime::Runtime;
 use stats::{unavailable_counter, PeerStats};
 use task::UpstreamTask;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// One peer: a server of the configuration at one resolved address.
@@ -53,7 +54,7 @@ pub struct Peer {
     pub draining: bool,
     /// Cancelled to close every connection to the peer at once (`DELETE
     /// ?force=true`); shared like `health`.
-    pub close: CancellationToken,
+    pub close: ForceClose,
 }
 
 impl Peer {
@@ -162,7 +163,7 @@ impl Upstream {
                     None => (
                         Arc::new(PeerStats::new(&config.name, &label)),
                         Arc::default(),
-                        CancellationToken::new(),
+                        ForceClose::default(),
                     ),
                 };
                 peers.push(Peer {
