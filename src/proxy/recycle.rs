@@ -383,8 +383,8 @@ impl Drop for Registration {
 pub async fn run(listener: Arc<ArcSwap<ListenerContext>>, stop: CancellationToken) {
     let name = listener.load().config.name.clone();
     // Every series exists from the start, at 0, so dashboards and alerts
-    // see the listener before its first recycle.
-    let _ = metrics::histogram!(names::CONNECTION_DURATION, "listener" => name.clone());
+    // see the listener before its first recycle (the listener's context
+    // registered its connection durations).
     for reason in [Reason::Age, Reason::Rebalance, Reason::Drain] {
         count_recycled_by(&name, reason, 0);
     }
