@@ -272,8 +272,7 @@ async fn chunk_sender(
                 connection.insert(open)
             }
         };
-        let mut probe = [0u8; 1];
-        match stream.try_read(&mut probe) {
+        match recycling::peek_end(stream) {
             Ok(0) => {
                 report.reconnects += 1;
                 connection = None;

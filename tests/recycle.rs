@@ -83,8 +83,7 @@ async fn request_loop(
     let mut opened = Instant::now();
     let mut seq = 0u32;
     while !stop.load(Ordering::SeqCst) {
-        let mut probe = [0u8; 1];
-        match stream.try_read(&mut probe) {
+        match recycling::peek_end(&stream) {
             Ok(0) => {
                 report.recycled_at.push(Instant::now());
                 report.lifetimes.push(opened.elapsed());
@@ -418,8 +417,7 @@ async fn sigterm_recycles_every_connection_at_its_next_quiet_moment() {
             let mut seq = 0u32;
             let mut errors = Vec::new();
             loop {
-                let mut probe = [0u8; 1];
-                match stream.try_read(&mut probe) {
+                match recycling::peek_end(&stream) {
                     Ok(0) => break,
                     Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                     other => errors.push(format!("between requests: {other:?}")),

@@ -12,6 +12,17 @@ use tokio::net::TcpStream;
 
 use super::{wait_until, Sluice};
 
+/// A client's look, between two requests, at whether sluice closed the
+/// connection: `Ok(0)` at its end, `Ok(1)` for a byte nobody asked for, or
+/// `WouldBlock`. It asks the kernel (a `MSG_PEEK` read): tokio's `try_read`
+/// answers from the runtime's last look at the socket, which on a busy
+/// machine can predate sluice's FIN; the client then sent a request into a
+/// recycle that had already begun and counted it as unanswered.
+pub fn peek_end(stream: &TcpStream) -> std::io::Result<usize> {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    socket2::SockRef::from(stream).peek(&mut byte)
+}
+
 /// Writes `config` over sluice's file, sends SIGHUP and waits until the
 /// reload is logged as done; panics if it failed.
 pub async fn reload(sluice: &Sluice, config: &str) {
