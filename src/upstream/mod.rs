@@ -52,7 +52,7 @@ pub struct Peer {
     /// Drained: not selected (`down` is set too), shown as `draining` while
     /// connections are left.
     pub draining: bool,
-    /// Cancelled to close every connection to the peer at once (`DELETE
+    /// Closed to end every connection to the peer at once (`DELETE
     /// ?force=true`); shared like `health`.
     pub close: ForceClose,
 }
