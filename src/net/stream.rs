@@ -91,6 +91,18 @@ impl Stream {
             Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
         }
     }
+
+    /// Whether the other end has sent bytes not read yet, asked of the
+    /// kernel: the runtime's readiness may not show them yet.
+    pub fn has_unread_input(&self) -> bool {
+        let read_ahead = match self {
+            Stream::Tcp(stream) => return PlainSocket::Tcp(stream).has_unread_input(),
+            Stream::Unix(stream) => return PlainSocket::Unix(stream).has_unread_input(),
+            Stream::TlsToPeer(tls) => tls.get_ref().0,
+            Stream::TlsFromClient(tls) => tls.get_ref().0,
+        };
+        read_ahead.holds_bytes() || read_ahead.get_ref().has_unread_input()
+    }
 }
 
 /// A borrowed plaintext socket, driven by readiness rather than by reads
@@ -144,11 +156,21 @@ impl PlainSocket<'_> {
     }
 
     pub fn shutdown_write(&self) -> io::Result<()> {
-        let socket = match self {
+        self.socket().shutdown(Shutdown::Write)
+    }
+
+    /// Whether the peer has sent bytes not read yet: a `MSG_PEEK` of one
+    /// byte, which neither consumes it nor waits.
+    pub fn has_unread_input(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        matches!(self.socket().peek(&mut byte), Ok(1))
+    }
+
+    fn socket(&self) -> SockRef<'_> {
+        match self {
             PlainSocket::Tcp(stream) => SockRef::from(*stream),
             PlainSocket::Unix(stream) => SockRef::from(*stream),
-        };
-        socket.shutdown(Shutdown::Write)
+        }
     }
 }
 

@@ -427,8 +427,16 @@ pub struct Watch {
     answered: bool,
     /// When a byte last moved either way.
     pub(super) last_progress: Instant,
-    /// Recycling: the reason, and when the connection is closed whatever
-    /// the client and upstream still do.
+    /// A quiet moment came after a recycle was asked for: the FIN to the
+    /// client is due at the relay's next turn on the client, unless a byte
+    /// moved or the client spoke by then.
+    fin_due: Option<Reason>,
+    /// When the kernel held client bytes the relay had not read yet, at a
+    /// due FIN: no quiet moment before they are read or, should they never
+    /// be (a TLS record with no data), before `quiet_period` has passed.
+    unread_seen_at: Option<Instant>,
+    /// Recycling: the FIN went to the client. The reason, and when the
+    /// connection is closed whatever the client and upstream still do.
     pub(super) closing: Option<(Reason, Instant)>,
 }
 
@@ -442,15 +450,35 @@ impl Watch {
             in_flight: [0; 2],
             answered: false,
             last_progress: Instant::now(),
+            fin_due: None,
+            unread_seen_at: None,
             closing: None,
         }
     }
 
-    /// A quiet moment came after a recycle was asked for: sluice sends
-    /// its FIN to the client now (counted as the recycle) and closes the
-    /// connection by `deadline` at the latest.
-    pub(super) fn start_closing(&mut self, reason: Reason, deadline: Instant) {
-        self.closing = Some((reason, deadline));
+    /// A quiet moment came after a recycle was asked for: the relay sends
+    /// the client its FIN at its next turn on the client
+    /// ([`Watch::send_fin_unless`]).
+    pub(super) fn fin_is_due(&mut self, reason: Reason) {
+        self.fin_due = Some(reason);
+    }
+
+    /// Right before the due FIN: a request the client sent since the quiet
+    /// moment, even one the runtime has not reported yet (`client_spoke`
+    /// asks the kernel), would be forwarded but its answer dropped, so the
+    /// recycle waits for the next quiet moment instead. Otherwise the FIN
+    /// is sent now (counted as the recycle) and the connection closed by
+    /// RECYCLE_LINGER at the latest.
+    pub(super) fn send_fin_unless(&mut self, client_spoke: impl FnOnce() -> bool) {
+        let Some(reason) = self.fin_due.take() else {
+            return;
+        };
+        let now = Instant::now();
+        if client_spoke() {
+            self.unread_seen_at = Some(now);
+            return;
+        }
+        self.closing = Some((reason, now + RECYCLE_LINGER));
         count_recycled_by(&self.listener, reason, 1);
     }
 
@@ -474,6 +502,9 @@ impl Watch {
     }
 
     fn arrived(&mut self, direction: Direction, count: usize) {
+        // Not quiet any more: no FIN before the next quiet moment.
+        self.fin_due = None;
+        self.unread_seen_at = None;
         self.in_flight[direction as usize] += count as u64;
     }
 
@@ -505,6 +536,12 @@ impl Watch {
     pub(super) fn quiet(&self, now: Instant) -> Quiet {
         if self.in_flight != [0, 0] {
             return Quiet::No;
+        }
+        if let Some(seen) = self.unread_seen_at {
+            let at = seen + self.quiet_period;
+            if now < at {
+                return Quiet::At(at);
+            }
         }
         match &self.forward {
             Some(forward) if forward.is_quiet() => Quiet::Now,
@@ -742,6 +779,45 @@ mod tests {
         );
         watch.wrote(Direction::ToClient, ack.len());
         assert!(is_now(watch.quiet(Instant::now())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_fin_waits_while_the_client_has_spoken() {
+        let config = RecycleConfig {
+            protocol: Protocol::Forward,
+            ..RecycleConfig::default()
+        };
+        let mut watch = Watch::new("l", &config, Arc::default());
+        watch.fin_is_due(Reason::Age);
+        watch.send_fin_unless(|| true);
+        assert!(watch.closing.is_none(), "no FIN over unread bytes");
+        // Not at once again (the relay would spin until the runtime
+        // reports the bytes), but once they were read or quiet_period
+        // passed without them.
+        let at = Instant::now() + config.quiet_period;
+        assert!(matches!(watch.quiet(Instant::now()), Quiet::At(when) if when == at));
+        watch.read(Direction::ToUpstream, b"");
+        assert!(is_now(watch.quiet(Instant::now())));
+        watch.send_fin_unless(|| true);
+        assert!(watch.closing.is_none(), "nothing was due");
+        watch.fin_is_due(Reason::Age);
+        watch.send_fin_unless(|| true);
+        tokio::time::advance(config.quiet_period).await;
+        assert!(is_now(watch.quiet(Instant::now())));
+        watch.fin_is_due(Reason::Age);
+        watch.send_fin_unless(|| false);
+        let linger_end = Instant::now() + RECYCLE_LINGER;
+        assert_eq!(watch.closing, Some((Reason::Age, linger_end)));
+    }
+
+    #[test]
+    fn bytes_moving_after_the_quiet_moment_cancel_the_due_fin() {
+        let mut watch = Watch::new("l", &RecycleConfig::default(), Arc::default());
+        watch.fin_is_due(Reason::Rebalance);
+        watch.read(Direction::ToUpstream, b"get k\r\n");
+        watch.send_fin_unless(|| false);
+        assert!(watch.closing.is_none());
+        assert!(matches!(watch.quiet(Instant::now()), Quiet::No));
     }
 
     #[test]

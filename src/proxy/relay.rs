@@ -12,7 +12,8 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::buffers::Seed;
 pub(super) use super::direction::Direction;
-use super::recycle::{Quiet, Reason, Watch, RECYCLE_LINGER};
+use super::recycle::{Quiet, Reason, Watch};
+use crate::net::Stream;
 
 /// How often a long connection's byte counts are reported, unless the
 /// listener's `access_log_interval` is shorter; short connections report
@@ -244,8 +245,8 @@ impl HalfDuplex {
 /// The `seed` goes to the upstream first. `report` is given the bytes
 /// written each way (client → upstream, upstream → client) since its
 /// previous call, every `report_interval` while bytes move, and at the end.
-pub fn relay<'a, C, U, R>(
-    client: &'a mut C,
+pub fn relay<'a, U, R>(
+    client: &'a mut Stream,
     upstream: &'a mut U,
     idle_timeout: Option<Duration>,
     report_interval: Duration,
@@ -254,7 +255,6 @@ pub fn relay<'a, C, U, R>(
     report: R,
 ) -> impl Future<Output = RelayOutcome> + 'a
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     R: FnMut(u64, u64) + 'a,
 {
@@ -283,15 +283,21 @@ where
                 direction,
                 watch,
             ),
-            Direction::ToClient => to_client.poll_copy(
-                cx,
-                Pin::new(&mut *upstream),
-                Pin::new(&mut *client),
-                bytes,
-                progressed,
-                direction,
-                watch,
-            ),
+            Direction::ToClient => {
+                let mut watch = watch;
+                if let Some(watch) = watch.as_deref_mut() {
+                    watch.send_fin_unless(|| client.has_unread_input());
+                }
+                to_client.poll_copy(
+                    cx,
+                    Pin::new(&mut *upstream),
+                    Pin::new(&mut *client),
+                    bytes,
+                    progressed,
+                    direction,
+                    watch,
+                )
+            }
         },
     )
 }
@@ -492,6 +498,11 @@ where
     /// it waits for.
     fn poll_recycle(&mut self, cx: &mut Context<'_>) -> Option<RelayEnd> {
         let watch = self.watch.as_mut()?;
+        if self.client_done {
+            // The client has had its FIN since the upstream's end: no
+            // answer can be lost, and no turn on the client will come.
+            watch.send_fin_unless(|| false);
+        }
         let now = Instant::now();
         let wake_at = match watch.closing {
             Some((reason, deadline)) if now >= deadline => return Some(RelayEnd::Recycled(reason)),
@@ -500,11 +511,11 @@ where
                 let reason = watch.signal.poll_requested(cx)?;
                 match watch.quiet(now) {
                     Quiet::Now => {
-                        let deadline = now + RECYCLE_LINGER;
-                        watch.start_closing(reason, deadline);
-                        // Polled again at once, the relay sends the FIN.
+                        watch.fin_is_due(reason);
+                        // Polled again at once, the relay sends the FIN,
+                        // then arms the timer for the linger.
                         cx.waker().wake_by_ref();
-                        deadline
+                        return None;
                     }
                     Quiet::At(at) => at,
                     // Bytes moving wake the relay to look again.
@@ -555,7 +566,7 @@ fn timer_deadline(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::cell::{Cell, RefCell};
     use std::pin::pin;
     use std::rc::Rc;
@@ -650,7 +661,8 @@ mod tests {
         assert_eq!(*reports.borrow(), [(100, 0), (7, 0)]);
     }
 
-    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    /// A connected pair of loopback TCP sockets.
+    pub(in crate::proxy) async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

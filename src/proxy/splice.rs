@@ -459,23 +459,178 @@ pub fn relay<'a>(
                 watch,
                 to_client.read_done,
             ),
-            Direction::ToClient => to_client.poll_move(
-                cx,
-                upstream,
-                client,
-                bytes,
-                progressed,
-                direction,
-                watch,
-                to_upstream.read_done,
-            ),
+            Direction::ToClient => {
+                let mut watch = watch;
+                if let Some(watch) = watch.as_deref_mut() {
+                    watch.send_fin_unless(|| client.has_unread_input());
+                }
+                to_client.poll_move(
+                    cx,
+                    upstream,
+                    client,
+                    bytes,
+                    progressed,
+                    direction,
+                    watch,
+                    to_upstream.read_done,
+                )
+            }
         },
     )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::pin::{pin, Pin};
+    use std::sync::Arc;
+    use std::task::Waker;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
+    use crate::config::RecycleConfig;
+    use crate::net::Stream;
+    use crate::proxy::recycle::{Reason, RecycleSignal};
+    use crate::proxy::relay::tests::tcp_pair;
+    use crate::proxy::relay::RelayEnd;
+
+    /// A relay of `client` and `upstream` (sockets sluice holds) with `watch`.
+    type RelayUnderTest = for<'a> fn(
+        &'a mut Stream,
+        &'a mut Stream,
+        Watch,
+    ) -> Pin<Box<dyn Future<Output = RelayOutcome> + 'a>>;
+
+    fn spliced<'a>(
+        client: &'a mut Stream,
+        upstream: &'a mut Stream,
+        watch: Watch,
+    ) -> Pin<Box<dyn Future<Output = RelayOutcome> + 'a>> {
+        let (Some(client), Some(upstream)) = (client.plain_socket(), upstream.plain_socket())
+        else {
+            unreachable!("plain TCP sockets")
+        };
+        let interval = Duration::from_secs(5);
+        Box::pin(relay(
+            client,
+            upstream,
+            None,
+            interval,
+            Some(watch),
+            None,
+            |_, _| {},
+        ))
+    }
+
+    fn copied<'a>(
+        client: &'a mut Stream,
+        upstream: &'a mut Stream,
+        watch: Watch,
+    ) -> Pin<Box<dyn Future<Output = RelayOutcome> + 'a>> {
+        let interval = Duration::from_secs(5);
+        let relayed = super::super::relay::relay(
+            client,
+            upstream,
+            None,
+            interval,
+            Some(watch),
+            None,
+            |_, _| {},
+        );
+        Box::pin(relayed)
+    }
+
+    /// The upstream answers the request the client sent; the client reads
+    /// the answer.
+    async fn exchange(client_app: &mut TcpStream, upstream_app: &mut TcpStream) {
+        let mut request = [0; 4];
+        upstream_app
+            .read_exact(&mut request)
+            .await
+            .expect("the request");
+        upstream_app.write_all(b"ans.").await.expect("answer");
+        let mut answer = [0; 4];
+        client_app
+            .read_exact(&mut answer)
+            .await
+            .expect("the answer");
+        assert_eq!(&answer, b"ans.");
+    }
+
+    /// A recycle is due at a quiet moment while the client's next request
+    /// sits in the kernel, not yet reported by the runtime (the relay is
+    /// polled by hand, so the runtime's driver does not run): the relay
+    /// must not send its FIN, which would lose the request's answer. It
+    /// relays the exchange, then recycles at the next quiet moment.
+    async fn a_request_the_runtime_has_not_reported_holds_the_fin(
+        relay_under_test: RelayUnderTest,
+    ) {
+        let quiet_period = Duration::from_millis(30);
+        let config = RecycleConfig {
+            quiet_period,
+            ..RecycleConfig::default()
+        };
+        let signal = Arc::new(RecycleSignal::default());
+        let watch = Watch::new("l", &config, Arc::clone(&signal));
+        let (mut client_app, client_side) = tcp_pair().await;
+        let (upstream_side, mut upstream_app) = tcp_pair().await;
+        let (mut client_side, mut upstream_side) =
+            (Stream::Tcp(client_side), Stream::Tcp(upstream_side));
+        let mut relay = pin!(relay_under_test(
+            &mut client_side,
+            &mut upstream_side,
+            watch
+        ));
+        client_app.write_all(b"req1").await.expect("request");
+        tokio::select! {
+            outcome = &mut relay => panic!("the relay ended: {outcome:?}"),
+            () = exchange(&mut client_app, &mut upstream_app) => {}
+        }
+        // Past the quiet period, with the runtime's driver given a turn.
+        tokio::time::sleep(quiet_period * 2).await;
+
+        signal.request(Reason::Age);
+        client_app
+            .try_write(b"req2")
+            .expect("the request fits the socket");
+        let mut cx = Context::from_waker(Waker::noop());
+        // The first poll finds the quiet moment, the second is the turn
+        // on the client where the FIN would go.
+        assert!(relay.as_mut().poll(&mut cx).is_pending());
+        assert!(relay.as_mut().poll(&mut cx).is_pending());
+        tokio::select! {
+            outcome = &mut relay => panic!("the relay ended: {outcome:?}"),
+            () = exchange(&mut client_app, &mut upstream_app) => {}
+        }
+
+        // The recycle: the FIN to the client, whose close sluice passes on.
+        let apps_close = async {
+            let mut rest = Vec::new();
+            client_app.read_to_end(&mut rest).await.expect("the FIN");
+            assert!(rest.is_empty(), "nothing after the answer");
+            client_app.shutdown().await.expect("the client's FIN");
+            upstream_app.read_to_end(&mut rest).await.expect("its FIN");
+            upstream_app.shutdown().await.expect("the upstream's FIN");
+        };
+        let both = async { tokio::join!(&mut relay, apps_close).0 };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), both).await;
+        let outcome = outcome.expect("recycled at the next quiet moment");
+        assert!(
+            matches!(outcome.end, RelayEnd::Recycled(Reason::Age)),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spliced_relay_holds_the_fin_for_an_unreported_request() {
+        a_request_the_runtime_has_not_reported_holds_the_fin(spliced).await;
+    }
+
+    #[tokio::test]
+    async fn a_copying_relay_holds_the_fin_for_an_unreported_request() {
+        a_request_the_runtime_has_not_reported_holds_the_fin(copied).await;
+    }
 
     fn capacity(pipe: &Pipe) -> libc::c_int {
         // SAFETY: the descriptor is an open pipe for the duration of the call.

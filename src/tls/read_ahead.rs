@@ -58,6 +58,11 @@ impl<S> ReadAhead<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Whether bytes read from the socket wait here to be handed out.
+    pub fn holds_bytes(&self) -> bool {
+        self.buf.is_some()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
