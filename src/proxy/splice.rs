@@ -95,24 +95,30 @@ impl Pipe {
     }
 }
 
+/// The relay's reads, writes and splices enter the kernel through
+/// `syscall(2)`, not glibc's wrappers: those are thread-cancellation points,
+/// which cost two calls into libc around every system call (3.4% of
+/// sluice's user space per keep-alive request, docs/BENCHMARKS.md), and no
+/// thread of sluice is ever cancelled. Every argument is passed as a full
+/// register (`c_long` or a pointer), as `syscall` reads them.
+fn syscall_result(returned: libc::c_long) -> io::Result<usize> {
+    usize::try_from(returned).map_err(|_| io::Error::last_os_error())
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call; null
     // offsets mean "current position", as required for pipes and sockets.
-    let moved = unsafe {
-        libc::splice(
-            from,
-            ptr::null_mut(),
-            to,
-            ptr::null_mut(),
+    syscall_result(unsafe {
+        libc::syscall(
+            libc::SYS_splice,
+            libc::c_long::from(from),
+            ptr::null_mut::<libc::loff_t>(),
+            libc::c_long::from(to),
+            ptr::null_mut::<libc::loff_t>(),
             len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            libc::c_long::from(libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK),
         )
-    };
-    if moved < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(moved as usize)
-    }
+    })
 }
 
 /// The fewest bytes spliced at once. A `forward` watch lets the relay splice
@@ -133,13 +139,19 @@ const PEER_FINISHED_READS: u8 = 8;
 const FRAMING_READ: usize = 1024;
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length; `fd` is open.
-    let read = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if read < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(read as usize)
-    }
+    // SAFETY: `buf` is valid for writes of its length; `fd` is open; null
+    // source address and length, as recv(2) passes them.
+    syscall_result(unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            libc::c_long::from(fd),
+            buf.as_mut_ptr(),
+            buf.len(),
+            0 as libc::c_long,
+            ptr::null_mut::<libc::sockaddr>(),
+            ptr::null_mut::<libc::socklen_t>(),
+        )
+    })
 }
 
 /// `fin_follows`: these are the last bytes and the FIN comes right after
@@ -150,13 +162,19 @@ fn send(fd: RawFd, buf: &[u8], fin_follows: bool) -> io::Result<usize> {
     } else {
         libc::MSG_NOSIGNAL
     };
-    // SAFETY: `buf` is valid for reads of its length; `fd` is open.
-    let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
-    }
+    // SAFETY: `buf` is valid for reads of its length; `fd` is open; no
+    // destination, as send(2) passes it.
+    syscall_result(unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            libc::c_long::from(fd),
+            buf.as_ptr(),
+            buf.len(),
+            libc::c_long::from(flags),
+            ptr::null::<libc::sockaddr>(),
+            0 as libc::c_long,
+        )
+    })
 }
 
 /// One direction: small messages are copied through a buffer (one read and
