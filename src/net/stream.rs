@@ -81,17 +81,37 @@ impl AsyncWrite for Stream {
     }
 }
 
-impl Stream {
-    /// The socket itself when bytes may bypass user space (no TLS layer):
-    /// the relay can then splice them inside the kernel.
-    pub fn plain_socket(&self) -> Option<PlainSocket<'_>> {
-        match self {
-            Stream::Tcp(stream) => Some(PlainSocket::Tcp(stream)),
-            Stream::Unix(stream) => Some(PlainSocket::Unix(stream)),
-            Stream::TlsToPeer(_) | Stream::TlsFromClient(_) => None,
+/// The two streams of a connection, as the relay will move bytes between
+/// them: as plain sockets when neither has a TLS layer, the bytes may then
+/// bypass user space; as streams otherwise.
+pub enum StreamPair<'a> {
+    Plain(PlainSocket<'a>, PlainSocket<'a>),
+    Layered(&'a mut Stream, &'a mut Stream),
+}
+
+impl<'a> StreamPair<'a> {
+    pub fn of(client: &'a mut Stream, upstream: &'a mut Stream) -> StreamPair<'a> {
+        // The pair is taken apart by moving both references in, so either
+        // way the caller gets them back for the relay's whole life.
+        match (client, upstream) {
+            (Stream::Tcp(client), Stream::Tcp(upstream)) => {
+                StreamPair::Plain(PlainSocket::Tcp(client), PlainSocket::Tcp(upstream))
+            }
+            (Stream::Tcp(client), Stream::Unix(upstream)) => {
+                StreamPair::Plain(PlainSocket::Tcp(client), PlainSocket::Unix(upstream))
+            }
+            (Stream::Unix(client), Stream::Tcp(upstream)) => {
+                StreamPair::Plain(PlainSocket::Unix(client), PlainSocket::Tcp(upstream))
+            }
+            (Stream::Unix(client), Stream::Unix(upstream)) => {
+                StreamPair::Plain(PlainSocket::Unix(client), PlainSocket::Unix(upstream))
+            }
+            (client, upstream) => StreamPair::Layered(client, upstream),
         }
     }
+}
 
+impl Stream {
     /// Whether the other end has sent bytes not read yet, asked of the
     /// kernel: the runtime's readiness may not show them yet.
     pub fn has_unread_input(&self) -> bool {

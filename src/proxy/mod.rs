@@ -13,6 +13,7 @@ pub mod retry;
 #[cfg(target_os = "linux")]
 mod splice;
 
+use std::future::{ready, Future};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,11 +23,14 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::balancer::Tried;
 use crate::config::{Balance, HashKey, ListenerConfig, ProxyProtocol, ValueError};
 use crate::net::connect::{connect_within, send_handshake_ack, Connected};
+#[cfg(target_os = "linux")]
+use crate::net::stream::StreamPair;
 use crate::net::{ClientAddr, Stream};
 use crate::tls::{self, handshake_errors::HandshakeErrors};
 use crate::upstream::queue::Place;
@@ -406,41 +410,46 @@ fn turned_away<T>(
 
 /// Plaintext socket pairs are relayed by the kernel-assisted path on Linux;
 /// anything else (TLS, other systems) is copied through user-space buffers.
-async fn relay_streams(
-    client: &mut Stream,
-    upstream: &mut Stream,
+/// A plain function, not an `async fn`: that would keep its arguments (the
+/// watch among them, 288 bytes in all) in the connection's task for the
+/// connection's whole life, beside the relay that took them over.
+fn relay_streams<'a>(
+    client: &'a mut Stream,
+    upstream: &'a mut Stream,
     idle_timeout: Option<Duration>,
     report_interval: Duration,
     watch: Option<Watch>,
     sent_early: SentEarly,
-    report: impl FnMut(u64, u64),
-) -> RelayOutcome {
+    report: impl FnMut(u64, u64) + 'a,
+) -> impl Future<Output = RelayOutcome> + 'a {
     let seed = match sent_early {
         SentEarly::Read(seed) => Some(seed),
         SentEarly::Nothing => None,
         // The relay would have ended on this read, so it ends now, the same way.
         SentEarly::Failed(err) => {
-            return RelayOutcome {
+            return Either::Left(ready(RelayOutcome {
                 sent: 0,
                 received: 0,
                 end: RelayEnd::Error(Side::Client, err),
-            }
+            }))
         }
     };
     #[cfg(target_os = "linux")]
-    if let Some((client, upstream)) = client.plain_socket().zip(upstream.plain_socket()) {
-        return splice::relay(
-            client,
-            upstream,
-            idle_timeout,
-            report_interval,
-            watch,
-            seed,
-            report,
-        )
-        .await;
-    }
-    relay(
+    let (client, upstream) = match StreamPair::of(client, upstream) {
+        StreamPair::Plain(client, upstream) => {
+            return Either::Right(Either::Left(splice::relay(
+                client,
+                upstream,
+                idle_timeout,
+                report_interval,
+                watch,
+                seed,
+                report,
+            )))
+        }
+        StreamPair::Layered(client, upstream) => (client, upstream),
+    };
+    let copied = relay(
         client,
         upstream,
         idle_timeout,
@@ -448,8 +457,10 @@ async fn relay_streams(
         watch,
         seed,
         report,
-    )
-    .await
+    );
+    #[cfg(target_os = "linux")]
+    let copied = Either::Right(copied);
+    Either::Right(copied)
 }
 
 /// The peers of one group as one client connection may try them.

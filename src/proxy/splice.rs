@@ -508,6 +508,7 @@ mod tests {
 
     use super::*;
     use crate::config::RecycleConfig;
+    use crate::net::stream::StreamPair;
     use crate::net::Stream;
     use crate::proxy::recycle::{Reason, RecycleSignal};
     use crate::proxy::relay::tests::tcp_pair;
@@ -525,8 +526,7 @@ mod tests {
         upstream: &'a mut Stream,
         watch: Watch,
     ) -> Pin<Box<dyn Future<Output = RelayOutcome> + 'a>> {
-        let (Some(client), Some(upstream)) = (client.plain_socket(), upstream.plain_socket())
-        else {
+        let StreamPair::Plain(client, upstream) = StreamPair::of(client, upstream) else {
             unreachable!("plain TCP sockets")
         };
         let interval = Duration::from_secs(5);
