@@ -276,10 +276,13 @@ pub async fn accept_loop<F, H, S>(
                 let serve = server();
                 // Built inside the task: a future built outside and awaited
                 // in it would be stored twice for the connection's life.
-                connections.spawn(async move {
+                // Boxed: spawning moves a task's future several times on its
+                // way into the runtime, a copy of some 900 bytes each; a box
+                // moves as a pointer.
+                connections.spawn(Box::pin(async move {
                     serve(stream, client_addr).await;
                     drop(active);
-                });
+                }));
             }
             Err(err) if is_connection_error(&err) => {}
             Err(err) => {
