@@ -37,8 +37,11 @@ pub async fn connect_peer(
         })?;
     }
     match tls {
+        // Boxed: the handshake's state is over a kilobyte, and inline it
+        // would make every connect's future that large, TLS or not, which
+        // each connection then copies as it starts.
         Some(tls) => Ok(Stream::TlsToPeer(Box::new(
-            tls::originate(tls, stream).await?,
+            Box::pin(tls::originate(tls, stream)).await?,
         ))),
         None => Ok(stream),
     }

@@ -294,7 +294,14 @@ async fn establish<'a>(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        client = match tls::terminate(acceptor, client, context.config.connect_timeout).await {
+        // Boxed, as the handshake's state is large and a plaintext
+        // listener's connections would carry it unused (see `tls::originate`).
+        let handshake = Box::pin(tls::terminate(
+            acceptor,
+            client,
+            context.config.connect_timeout,
+        ));
+        client = match handshake.await {
             Ok(client) => Stream::TlsFromClient(Box::new(client)),
             Err(error) => {
                 if let Some(errors) = &context.handshake_errors {
