@@ -294,8 +294,9 @@ async fn establish<'a>(
         accepted,
     );
     if let Some(acceptor) = &context.tls {
-        // Boxed, as the handshake's state is large and a plaintext
-        // listener's connections would carry it unused (see `tls::originate`).
+        // Boxed: the handshake's state is over a kilobyte; inline, it would
+        // make every connection's establishing future that large, TLS or
+        // not, and each connection copies that future as it starts.
         let handshake = Box::pin(tls::terminate(
             acceptor,
             client,
